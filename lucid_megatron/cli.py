@@ -1,0 +1,39 @@
+"""The ``lucid`` command line: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
+registering a new one is one line in ``SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help).  Modules are imported only when their command runs.
+SUBCOMMANDS = {
+    "demo": ("lucid_megatron.demo", "check and time the LUCID operator on a small CPU problem"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lucid_megatron import __version__
+
+    parser = argparse.ArgumentParser(prog="lucid", description="Pretraining with LUCID attention.")
+    parser.add_argument("--version", action="version", version=f"lucid_megatron {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = importlib.import_module(args._module).run(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Memory-linear LUCID preconditioner in plain PyTorch blocks.
+
+Tensors here use the "grouped" layout ``[G, N, D]`` with ``G = batch * kv_heads``; every
+block operation is a batched matmul over ``G``.  Kernel blocks
+``exp(s * kn_rows . kn_cols - 1/s)`` are built on the fly, ``block_rows x block_cols`` at a
+time, so neither the forward nor the backward ever holds an ``N x N`` matrix: memory is
+``O(N * D + G * block_rows * block_cols)``.  See docs/operator.md for the derivation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Tuned on a 2-core x86 CPU (benchmarks/bench_operator.py); any positive values are exact.
+DEFAULT_BLOCK_ROWS = 128
+DEFAULT_BLOCK_COLS = 1024
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate half types in float32; keep float64 for the oracle-grade tests."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_normalize(k: torch.Tensor, eps: float) -> torch.Tensor:
+    """kn = k / sqrt(mean(k^2) + eps), no learnable weight (spec section 1)."""
+    return k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _kernel_block(rows_scaled: torch.Tensor, cols: torch.Tensor, inv_scale: float) -> torch.Tensor:
+    """exp(s * kn_r . kn_c - 1/s) for a block, given rows already multiplied by s."""
+    return torch.bmm(rows_scaled, cols.transpose(1, 2)).sub_(inv_scale).exp_()
+
+
+def solve_forward(
+    kn: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_cols: int = DEFAULT_BLOCK_COLS,
+    prefix_kn: torch.Tensor | None = None,
+    prefix_vp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Blocked forward substitution ``V' = L^{-1} V`` for one causal sequence.
+
+    ``kn [G, N, D]`` (normalised keys, compute dtype), ``v [G, N, Dv]``.  When
+    ``prefix_kn/prefix_vp [G, P, .]`` are given, the new rows also see ``P`` earlier, already
+    solved rows (decode cache, chunked prefill).  Returns ``V' [G, N, Dv]`` in ``kn.dtype``.
+    """
+    g, n, d = kn.shape
+    scale = d**-0.5
+    inv_scale = 1.0 / scale
+    kn_scaled = kn * scale
+    vp = torch.empty(g, n, v.shape[-1], dtype=kn.dtype, device=kn.device)
+    sources = [] if prefix_kn is None else [(prefix_kn, prefix_vp, prefix_kn.shape[1])]
+    for a in range(0, n, block_rows):
+        b = min(a + block_rows, n)
+        rows = kn_scaled[:, a:b]
+        acc = v[:, a:b].to(kn.dtype, copy=True)
+        # Off-diagonal part: subtract L[a:b, j] V'[j] for every earlier, already solved row j.
+        for src_kn, src_vp, end in sources + [(kn, vp, a)]:
+            for c0 in range(0, end, block_cols):
+                c1 = min(c0 + block_cols, end)
+                weights = _kernel_block(rows, src_kn[:, c0:c1], inv_scale)
+                acc.baddbmm_(weights, src_vp[:, c0:c1], alpha=-1.0)
+        # Diagonal block: unit lower-triangular solve; trsm never reads the diagonal of
+        # `diag`, so L_ii is exactly 1 as the spec requires.
+        diag = _kernel_block(rows, kn[:, a:b], inv_scale)
+        vp[:, a:b] = torch.linalg.solve_triangular(diag, acc, upper=False, unitriangular=True)
+    return vp
+
+
+def solve_backward(
+    kn: torch.Tensor,
+    vp: torch.Tensor,
+    grad_vp: torch.Tensor,
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_cols: int = DEFAULT_BLOCK_COLS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``V' = L^{-1} V`` wrt ``V`` and ``Kn`` (spec section 3), blockwise.
+
+    Walks column blocks ``i`` from last to first.  Block ``i`` of ``dV = L^{-T} G`` needs
+    ``dV`` of all later rows ``c``; the same kernel block ``L[c, i]`` then gives
+    ``dS[c, i] = -(dV_c V'_i^T) * L[c, i]``, which feeds ``dKn_c`` and ``dKn_i``.
+    """
+    g, n, d = kn.shape
+    scale = d**-0.5
+    inv_scale = 1.0 / scale
+    kn_scaled = kn * scale
+    grad_v = torch.empty(g, n, vp.shape[-1], dtype=kn.dtype, device=kn.device)
+    grad_kn = torch.zeros_like(kn)
+    for a in reversed(range(0, n, block_rows)):
+        b = min(a + block_rows, n)
+        kn_i, vp_i = kn[:, a:b], vp[:, a:b]
+        acc = grad_vp[:, a:b].to(kn.dtype, copy=True)
+        grad_kn_i = grad_kn[:, a:b]
+        for c0 in range(b, n, block_cols):
+            c1 = min(c0 + block_cols, n)
+            weights = _kernel_block(kn_scaled[:, c0:c1], kn_i, inv_scale)  # L[c, i]
+            grad_v_c = grad_v[:, c0:c1]
+            acc.baddbmm_(weights.transpose(1, 2), grad_v_c, alpha=-1.0)
+            # -dS[c, i]; the minus sign is folded into alpha below.
+            neg_ds = torch.bmm(grad_v_c, vp_i.transpose(1, 2)).mul_(weights)
+            grad_kn[:, c0:c1].baddbmm_(neg_ds, kn_i, alpha=-scale)
+            grad_kn_i.baddbmm_(neg_ds.transpose(1, 2), kn[:, c0:c1], alpha=-scale)
+        diag = _kernel_block(kn_scaled[:, a:b], kn_i, inv_scale)
+        grad_v_i = torch.linalg.solve_triangular(
+            diag.transpose(1, 2), acc, upper=True, unitriangular=True
+        )
+        grad_v[:, a:b] = grad_v_i
+        # Diagonal block: only the strictly lower entries depend on Kn (L_ii is constant 1).
+        neg_ds = torch.bmm(grad_v_i, vp_i.transpose(1, 2)).mul_(diag).tril_(-1)
+        grad_kn_i.baddbmm_(neg_ds, kn_i, alpha=-scale)
+        grad_kn_i.baddbmm_(neg_ds.transpose(1, 2), kn_i, alpha=-scale)
+    return grad_v, grad_kn
+
+
+class BlockwisePrecondition(torch.autograd.Function):
+    """``V' = L^{-1} V`` with a blockwise backward; packed documents are solved independently."""
+
+    @staticmethod
+    def forward(ctx, kn, v, segments, block_rows, block_cols):
+        vp = torch.empty(v.shape, dtype=kn.dtype, device=kn.device)
+        for s0, s1 in segments:
+            vp[:, s0:s1] = solve_forward(
+                kn[:, s0:s1], v[:, s0:s1], block_rows=block_rows, block_cols=block_cols
+            )
+        ctx.save_for_backward(kn, vp)
+        ctx.segments, ctx.block_rows, ctx.block_cols = segments, block_rows, block_cols
+        ctx.v_dtype = v.dtype
+        return vp.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_vp):
+        kn, vp = ctx.saved_tensors
+        grad_v = torch.empty(vp.shape, dtype=kn.dtype, device=kn.device)
+        grad_kn = torch.empty_like(kn)
+        for s0, s1 in ctx.segments:
+            grad_v[:, s0:s1], grad_kn[:, s0:s1] = solve_backward(
+                kn[:, s0:s1],
+                vp[:, s0:s1],
+                grad_vp[:, s0:s1],
+                block_rows=ctx.block_rows,
+                block_cols=ctx.block_cols,
+            )
+        return grad_kn, grad_v.to(ctx.v_dtype), None, None, None
+
+
+def blockwise_precondition_grouped(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: list[int] | None = None,
+    eps: float = 1e-6,
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_cols: int = DEFAULT_BLOCK_COLS,
+) -> torch.Tensor:
+    """k [B, N, H, D], v [B, N, H, Dv] -> V' as [B, H, N, Dv] (the layout SDPA wants)."""
+    if block_rows < 1 or block_cols < 1:
+        raise ValueError(
+            f"block_rows and block_cols must be positive, got {block_rows} and {block_cols}"
+        )
+    bsz, n, h, d = k.shape
+    dv = v.shape[-1]
+    kn = rms_normalize(k.to(compute_dtype(k.dtype)), eps)
+    kn_g = kn.transpose(1, 2).reshape(bsz * h, n, d)
+    v_g = v.transpose(1, 2).reshape(bsz * h, n, dv)
+    segments = [(0, n)] if cu_seqlens is None else list(zip(cu_seqlens, cu_seqlens[1:]))
+    vp = BlockwisePrecondition.apply(kn_g, v_g, segments, block_rows, block_cols)
+    return vp.view(bsz, h, n, dv)
