@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
-import time
 
 import psutil
 import torch
 import torch.nn.functional as F
 
 from lucid_megatron.ops import lucid_attention
+from lucid_megatron.timing import median_seconds
 
 
 def _sdpa(q, k, v):
@@ -43,13 +42,7 @@ def _time(fn, inputs, grad_out, backward: bool, repeats: int) -> float:
             for x in inputs:
                 x.grad = None
 
-    once()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(once, repeats)
 
 
 def _dense_reference_bytes(n: int, hq: int, hkv: int) -> int:

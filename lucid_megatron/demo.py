@@ -6,13 +6,11 @@ times blockwise LUCID against causal SDPA (forward + backward) side by side.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 from lucid_megatron.ops import LucidCache, lucid_attention, lucid_decode_step
+from lucid_megatron.timing import median_seconds
 
 
 def add_arguments(parser) -> None:
@@ -25,16 +23,6 @@ def add_arguments(parser) -> None:
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _median_time(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(args) -> int:
@@ -64,7 +52,7 @@ def run(args) -> int:
         )
         out.sum().backward()
 
-    t_lucid, t_sdpa = _median_time(lucid_step), _median_time(sdpa_step)
+    t_lucid, t_sdpa = median_seconds(lucid_step), median_seconds(sdpa_step)
     print(f"forward+backward, float32, N={n}, {torch.get_num_threads()} threads:")
     print(f"  causal SDPA      {1e3 * t_sdpa:8.1f} ms")
     print(f"  LUCID blockwise  {1e3 * t_lucid:8.1f} ms  ({t_lucid / t_sdpa:.2f}x SDPA)")

@@ -1,0 +1,17 @@
+"""Wall-clock timing for benchmarks and demos (never for pass/fail tests)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def median_seconds(fn, repeats: int = 3) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
