@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 
 import psutil
 import torch
 import torch.nn.functional as F
 
 from lucid_megatron.ops import lucid_attention
-from lucid_megatron.timing import median_seconds
+from lucid_megatron.timing import cpu_name, median_seconds
 
 
 def _sdpa(q, k, v):
@@ -49,17 +48,6 @@ def _dense_reference_bytes(n: int, hq: int, hkv: int) -> int:
     # Autograd keeps several [heads, N, N] float32 matrices alive (kernel, scores, probabilities):
     # measured 2.7 GiB at N=4096, Hq=Hkv=8, i.e. about 2.6 matrices per head; 3 leaves a margin.
     return 4 * n * n * 3 * (hkv + hq)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> None:

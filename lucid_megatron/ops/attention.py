@@ -46,6 +46,29 @@ def _packed_causal_attention(q, k, vp, scale, cu_seqlens):
     return torch.cat(parts, dim=2)
 
 
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Ordinary causal softmax attention with the same layout and packing as :func:`lucid_attention`.
+
+    The baseline of every LUCID-vs-softmax comparison: it shares the layout handling, the packed
+    document loop and the SDPA call with the LUCID path, and differs only in ``V' = V``.
+    """
+    checks.check_qkv(q, k, v)
+    checks.check_softmax_scale(softmax_scale)
+    bounds = checks.check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    out = _packed_causal_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, bounds
+    )
+    return out.transpose(1, 2).contiguous()
+
+
 def lucid_precondition(
     k: torch.Tensor,
     v: torch.Tensor,

@@ -1,0 +1,121 @@
+"""Model architecture config (Llama-style GPT with LUCID or softmax attention per layer)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+
+from .schema import ConfigError, from_dict
+
+MODEL_PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+def parse_lucid_layers(pattern: Union[str, list[int]], num_layers: int) -> list[bool]:
+    """Which layers (in order) use LUCID attention; the others use softmax attention.
+
+    ``"all"`` / ``"none"``; ``"every:K"`` -> layers K, 2K, ... (1-based, like Megatron's layer
+    numbers); or an explicit list of 1-based layer numbers.
+    """
+    if isinstance(pattern, list):
+        bad = [i for i in pattern if not 1 <= i <= num_layers]
+        if bad or len(set(pattern)) != len(pattern):
+            raise ConfigError(
+                f"lucid_layers: layer numbers must be distinct and in 1..{num_layers}, got {pattern}"
+            )
+        return [i + 1 in pattern for i in range(num_layers)]
+    if pattern == "all":
+        return [True] * num_layers
+    if pattern == "none":
+        return [False] * num_layers
+    if isinstance(pattern, str) and pattern.startswith("every:"):
+        k = pattern.split(":", 1)[1]
+        if k.isdigit() and int(k) >= 1:
+            return [(i + 1) % int(k) == 0 for i in range(num_layers)]
+    raise ConfigError(
+        f"lucid_layers: unknown pattern {pattern!r}; allowed: 'all', 'none', 'every:K' (K >= 1), "
+        "or a list of 1-based layer numbers"
+    )
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    num_kv_heads: int | None = None  # None -> num_attention_heads (no GQA)
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    max_seq_len: int = 2048
+    position_embedding: Literal["rope", "none"] = "rope"
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    lucid_layers: Union[str, list[int]] = "all"
+    lucid_eps: float = 1e-6
+    init_std: float = 0.02
+    # The padded vocabulary is a multiple of this; it must not depend on the TP size, so that
+    # initialisation and checkpoints are the same for every TP layout (TP must divide it).
+    make_vocab_size_divisible_by: int = 128
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "vocab_size", "max_seq_len", "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.kv_heads < 1 or self.num_attention_heads % self.kv_heads:
+            raise ConfigError(
+                f"num_kv_heads: num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                f"of num_kv_heads ({self.kv_heads})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"head_dim: hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); set head_dim explicitly"
+            )
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ConfigError(f"head_dim: must be >= 1, got {self.head_dim}")
+        if self.position_embedding == "rope" and self.kv_channels % 2:
+            raise ConfigError(f"head_dim: RoPE needs an even head dim, got {self.kv_channels}")
+        for name in ("norm_eps", "lucid_eps", "init_std", "rotary_base"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        parse_lucid_layers(self.lucid_layers, self.num_layers)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_attention_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
+
+    def layer_is_lucid(self) -> list[bool]:
+        return parse_lucid_layers(self.lucid_layers, self.num_layers)
+
+
+def model_preset_names() -> list[str]:
+    return sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml"))
+
+
+def load_model_config(name_or_path: str, overrides: dict | None = None) -> ModelConfig:
+    """A named preset from configs/models/ (e.g. ``"tiny"``) or a YAML path, plus overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = MODEL_PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"model preset {name_or_path!r} not found; available: {', '.join(model_preset_names())}"
+            )
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    data.update(overrides or {})
+    return from_dict(ModelConfig, data, "model")

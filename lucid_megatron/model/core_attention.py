@@ -1,0 +1,138 @@
+"""Megatron-Core ``core_attention`` modules: LUCID, and the softmax baseline on the same code path.
+
+They implement the interface Megatron's ``SelfAttention`` builds and calls (megatron-core 0.16.1):
+``__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+softmax_scale=None, cp_comm_type=None, pg_collection=None)`` and
+``forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+packed_seq_params=None)``.  Inputs are ``[s, b, heads, d]`` (``[t, heads, d]`` for packed THD),
+keys/values with the (TP-local) KV-head count, so GQA is native.  The output is
+``[s, b, heads * d]`` (``[t, heads * d]`` for THD).  Neither module has parameters: a LUCID
+checkpoint is shaped exactly like a Llama one.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from lucid_megatron.ops import lucid_attention, softmax_attention
+
+
+class SoftmaxCoreAttention(MegatronModule):
+    """Causal softmax attention through PyTorch SDPA, with THD packing (the LUCID baseline)."""
+
+    kind = "softmax"
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        name = type(self).__name__
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        problems = []
+        if attn_mask_type != AttnMaskType.causal:
+            problems.append(f"attn_mask_type={attn_mask_type.name} (only 'causal' is supported)")
+        if attention_type != "self":
+            problems.append(f"attention_type={attention_type!r} (only 'self' is supported)")
+        if dropout:
+            problems.append(f"attention_dropout={dropout} (attention dropout is not implemented; use 0)")
+        if config.apply_query_key_layer_scaling:
+            problems.append("apply_query_key_layer_scaling=True (not supported)")
+        if config.window_size is not None:
+            problems.append(f"window_size={config.window_size} (sliding windows are not supported)")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            problems.append(f"softmax_type={config.softmax_type!r} (only 'vanilla')")
+        if config.context_parallel_size > 1:
+            problems.append(
+                f"context_parallel_size={config.context_parallel_size} (context parallelism is not "
+                "available in this version of the core attention)"
+            )
+        if problems:
+            raise ValueError(f"{name} (layer {layer_number}) cannot be built: " + "; ".join(problems))
+        self.layer_number = layer_number
+        self.softmax_scale = (
+            config.kv_channels**-0.5 if softmax_scale is None else float(softmax_scale)
+        )
+
+    def attend(self, q, k, v, cu_seqlens):
+        """``[B, N, H, D]`` flash-attention layout in and out."""
+        return softmax_attention(q, k, v, cu_seqlens=cu_seqlens, softmax_scale=self.softmax_scale)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError(
+                f"{type(self).__name__} is causal by construction and takes no attention_mask tensor: "
+                "pass attention_mask=None, and document boundaries through packed_seq_params (THD)"
+            )
+        if attention_bias is not None:
+            raise ValueError(f"{type(self).__name__} does not support attention_bias")
+        if attn_mask_type not in (None, AttnMaskType.causal):
+            raise ValueError(f"attn_mask_type={attn_mask_type.name} is not supported; only causal")
+
+        if packed_seq_params is not None:
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(
+                    f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r} is not supported; use 'thd'"
+                )
+            cu_seqlens = _self_attention_cu_seqlens(packed_seq_params)
+            # THD: [t, heads, d] -> one packed row [1, t, heads, d].
+            out = self.attend(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), cu_seqlens)
+            return out.reshape(out.shape[1], -1)
+
+        # SBHD: [s, b, heads, d] -> [b, s, heads, d]; output back to [s, b, heads * d].
+        out = self.attend(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), None)
+        return out.transpose(0, 1).reshape(out.shape[1], out.shape[0], -1)
+
+
+class LucidCoreAttention(SoftmaxCoreAttention):
+    """LUCID attention: the softmax baseline with values preconditioned by ``L^{-1}`` (exact, O(N d) memory).
+
+    ``lucid_eps`` (RMS-norm epsilon of the preconditioner keys) and ``backend`` (operator backend)
+    come from the layer spec's ``params``.
+    """
+
+    kind = "lucid"
+
+    def __init__(self, *args, lucid_eps: float = 1e-6, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lucid_eps = lucid_eps
+        self.backend = backend
+
+    def attend(self, q, k, v, cu_seqlens):
+        return lucid_attention(
+            q, k, v, cu_seqlens=cu_seqlens, eps=self.lucid_eps, softmax_scale=self.softmax_scale,
+            backend=self.backend,
+        )
+
+
+def _self_attention_cu_seqlens(packed_seq_params) -> torch.Tensor:
+    """Document boundaries of a packed self-attention batch (padded boundaries when present)."""
+    cu_q = packed_seq_params.cu_seqlens_q_padded
+    if cu_q is None:
+        cu_q = packed_seq_params.cu_seqlens_q
+    cu_kv = packed_seq_params.cu_seqlens_kv_padded
+    if cu_kv is None:
+        cu_kv = packed_seq_params.cu_seqlens_kv
+    if cu_q is None:
+        raise ValueError("packed_seq_params (THD) needs cu_seqlens_q")
+    if cu_kv is not None and not torch.equal(cu_q, cu_kv):
+        raise ValueError("self-attention needs identical query and key/value cu_seqlens")
+    return cu_q.to(torch.int32)

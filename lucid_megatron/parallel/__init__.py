@@ -1,0 +1,1 @@
+"""Process groups and collective helpers (tensor, sequence, context and data parallelism)."""

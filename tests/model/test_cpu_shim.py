@@ -1,0 +1,53 @@
+"""The megatron-core CPU shim: active only without CUDA, and the redirected calls behave."""
+
+import subprocess
+import sys
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+from lucid_megatron.model.cpu_shim import apply_cpu_shim
+
+from .common import single_process_parallel
+
+
+def test_rng_tracker_streams_on_cpu():
+    seed = 777
+    with single_process_parallel(seed=seed):
+        assert apply_cpu_shim() is True  # idempotent, and active on this CUDA-less machine
+        expected_default = torch.Generator().manual_seed(seed)
+        # Megatron's tensor-model-parallel stream is seeded with seed + 2718 + tp_rank.
+        expected_tp = torch.Generator().manual_seed(seed + 2718 + parallel_state.get_tensor_model_parallel_rank())
+        with get_cuda_rng_tracker().fork():
+            in_fork = torch.rand(5)
+        after = torch.rand(5)
+        with get_cuda_rng_tracker().fork():
+            in_second_fork = torch.rand(5)
+    assert torch.equal(in_fork, torch.rand(5, generator=expected_tp))
+    assert torch.equal(in_second_fork, torch.rand(5, generator=expected_tp))  # the stream continues
+    assert torch.equal(after, torch.rand(5, generator=expected_default))  # forks leave the default stream alone
+
+
+def test_device_buffers_and_synchronize_on_cpu():
+    with single_process_parallel():
+        assert torch.cuda.current_device() == torch.device("cpu")
+        buf = parallel_state.get_global_memory_buffer().get_tensor((4, 3), torch.float32, "test")
+        assert buf.device.type == "cpu" and buf.shape == (4, 3)
+        assert torch.cuda.synchronize() is None
+
+
+def test_shim_is_not_applied_when_cuda_is_available():
+    code = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "original = torch.cuda.current_device\n"
+        "from lucid_megatron.model.cpu_shim import apply_cpu_shim, cpu_shim_active\n"
+        "assert apply_cpu_shim() is False and not cpu_shim_active()\n"
+        "assert torch.cuda.current_device is original\n"
+        "import megatron.core.tensor_parallel.random as r\n"
+        "assert r._get_cuda_rng_state.__module__ == 'megatron.core.tensor_parallel.random'\n"
+        "print('untouched')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "untouched" in out.stdout, out.stderr
