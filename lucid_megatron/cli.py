@@ -12,7 +12,9 @@ import sys
 
 # name -> (module, one-line help).  Modules are imported only when their command runs.
 SUBCOMMANDS = {
+    "train": ("lucid_megatron.train.cli", "train a LUCID model (DeepSpeed ZeRO over Megatron-Core)"),
     "demo": ("lucid_megatron.demo", "check and time the LUCID operator on a small CPU problem"),
+    "data": ("lucid_megatron.data.cli", "write token shards: synthetic retrieval data or prepared text"),
 }
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from .schema import ConfigError
+
+if TYPE_CHECKING:
+    from .model import ModelConfig
 
 
 @dataclasses.dataclass
@@ -21,3 +25,22 @@ class ParallelConfig:
             raise ConfigError(
                 "sequence_parallel: needs tensor_parallel_size > 1 (it splits the sequence over TP ranks)"
             )
+
+
+def check_model_fits(model: "ModelConfig", parallel: ParallelConfig) -> None:
+    """Refuse layouts that cannot split this model, naming the values (ValueError)."""
+    tp = parallel.tensor_parallel_size
+    problems = []
+    if model.num_attention_heads % tp:
+        problems.append(f"num_attention_heads ({model.num_attention_heads}) is not divisible by tensor_parallel_size ({tp})")
+    if model.kv_heads % tp:
+        problems.append(f"num_kv_heads ({model.kv_heads}) is not divisible by tensor_parallel_size ({tp})")
+    if model.ffn_hidden_size % tp:
+        problems.append(f"ffn_hidden_size ({model.ffn_hidden_size}) is not divisible by tensor_parallel_size ({tp})")
+    if model.make_vocab_size_divisible_by % tp:
+        problems.append(
+            f"make_vocab_size_divisible_by ({model.make_vocab_size_divisible_by}) is not divisible by "
+            f"tensor_parallel_size ({tp}) (the padded vocabulary must split evenly and not depend on TP)"
+        )
+    if problems:
+        raise ValueError("model does not fit the parallel layout: " + "; ".join(problems))

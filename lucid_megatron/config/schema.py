@@ -38,7 +38,8 @@ def _convert(tp, value, path: str):
         return value
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
+        bool_mismatch = isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed)
+        if bool_mismatch or value not in allowed:
             raise ConfigError(f"{path}: {value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
         return value
     if origin in (Union, types.UnionType):
@@ -106,13 +107,16 @@ def from_dict(cls, data, path: str = ""):
     ]
     if missing:
         raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}")
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        try:
+    prefix = f"{path}: " if path else ""
+    try:
+        obj = cls(**kwargs)  # dataclasses may validate in __post_init__ (ValueError)
+        validate = getattr(obj, "validate", None)
+        if validate is not None:
             validate()
-        except ConfigError as err:
-            raise ConfigError(f"{path + '.' if path else ''}{err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path + '.' if path else ''}{err}") from None
+    except ValueError as err:
+        raise ConfigError(f"{prefix}{err}") from None
     return obj
 
 

@@ -9,28 +9,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from lucid_megatron.config import ModelConfig, ParallelConfig
+from lucid_megatron.config.parallel import check_model_fits
 
 from .cpu_shim import apply_cpu_shim
 from .specs import get_lucid_block_spec, transformer_engine_import_error
-
-
-def check_parallel_fit(model: ModelConfig, parallel: ParallelConfig) -> None:
-    """Refuse layouts that cannot split this model, naming the values."""
-    tp = parallel.tensor_parallel_size
-    problems = []
-    if model.num_attention_heads % tp:
-        problems.append(f"num_attention_heads ({model.num_attention_heads}) is not divisible by tensor_parallel_size ({tp})")
-    if model.kv_heads % tp:
-        problems.append(f"num_kv_heads ({model.kv_heads}) is not divisible by tensor_parallel_size ({tp})")
-    if model.ffn_hidden_size % tp:
-        problems.append(f"ffn_hidden_size ({model.ffn_hidden_size}) is not divisible by tensor_parallel_size ({tp})")
-    if model.make_vocab_size_divisible_by % tp:
-        problems.append(
-            f"make_vocab_size_divisible_by ({model.make_vocab_size_divisible_by}) is not divisible by "
-            f"tensor_parallel_size ({tp}) (the padded vocabulary must split evenly and not depend on TP)"
-        )
-    if problems:
-        raise ValueError("model does not fit the parallel layout: " + "; ".join(problems))
 
 
 def transformer_config(
@@ -39,9 +21,20 @@ def transformer_config(
     *,
     params_dtype: torch.dtype = torch.float32,
     initialize: bool = True,
+    recompute_activations: bool = False,
 ) -> TransformerConfig:
-    """Megatron's TransformerConfig for a Llama-style model; fused CUDA-only paths stay off."""
+    """Megatron's TransformerConfig for a Llama-style model; fused CUDA-only paths stay off.
+
+    ``recompute_activations`` checkpoints every transformer layer (Megatron's full/uniform
+    recomputation): activations are recomputed in the backward instead of stored.
+    """
+    recompute = (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if recompute_activations
+        else {}
+    )
     return TransformerConfig(
+        **recompute,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -85,6 +78,7 @@ def build_gpt_model(
     attention_backend: str = "auto",
     params_dtype: torch.dtype = torch.float32,
     initialize: bool = True,
+    recompute_activations: bool = False,
 ) -> GPTModel:
     """A GPTModel whose layers use LUCID or softmax core attention per ``model.lucid_layers``.
 
@@ -94,7 +88,7 @@ def build_gpt_model(
     checkpoint; ``transformer_engine`` selects the TE spec (GPU only).
     """
     parallel = parallel or ParallelConfig()
-    check_parallel_fit(model, parallel)
+    check_model_fits(model, parallel)
     if transformer_engine and transformer_engine_import_error() is not None:
         raise ImportError(
             "transformer_engine=True needs Transformer Engine on a GPU machine; it cannot be "
@@ -110,7 +104,10 @@ def build_gpt_model(
     if actual != wanted:
         raise ValueError(f"parallel state has (TP, CP) = {actual} but the config asks for {wanted}")
     apply_cpu_shim()
-    config = transformer_config(model, parallel, params_dtype=params_dtype, initialize=initialize)
+    config = transformer_config(
+        model, parallel, params_dtype=params_dtype, initialize=initialize,
+        recompute_activations=recompute_activations,
+    )
     spec = get_lucid_block_spec(
         model.layer_is_lucid(), transformer_engine=transformer_engine, lucid_eps=model.lucid_eps,
         backend=attention_backend,

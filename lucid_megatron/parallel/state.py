@@ -35,6 +35,7 @@ def initialize_parallel(
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend, timeout=timeout)
         else:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it even for one process
             dist.init_process_group(backend, rank=0, world_size=1, store=dist.HashStore(), timeout=timeout)
     world = dist.get_world_size()
     if world % (tensor_parallel_size * context_parallel_size):

@@ -1,0 +1,303 @@
+"""The training run's typed configuration: one YAML file, ``--set section.key=value`` overrides.
+
+Sections: model, parallel, data, optimizer, schedule, train, checkpoint, logging, launch.  Every
+key is checked (unknown keys, wrong types, impossible combinations) before any process starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from lucid_megatron.data.synth import RetrievalTask
+
+from .model import MODEL_PRESET_DIR, ModelConfig, model_preset_names
+from .parallel import ParallelConfig, check_model_fits
+from .schema import ConfigError, from_dict, to_dict
+
+CONFIG_DIR = MODEL_PRESET_DIR.parent
+
+
+@dataclasses.dataclass
+class SynthConfig:
+    """Generate the synthetic retrieval dataset at ``data.path`` when it does not exist yet."""
+
+    task: RetrievalTask = dataclasses.field(default_factory=RetrievalTask)
+    train_docs: int = 20000
+    valid_docs: int = 200
+    docs_per_shard: int = 1000
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("train_docs", "valid_docs", "docs_per_shard"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str  # dataset directory: manifest.json + webdataset shards (`lucid data synth|prepare`)
+    synth: SynthConfig | None = None
+    loss_tokens: Literal["all", "answer"] = "all"
+    num_streams: int = 8  # virtual streams; fixes the sample order for every DP/worker layout
+    num_workers: int = 1
+    shuffle_shards: bool = True
+    on_bad_shard: Literal["error", "skip"] = "error"
+    eval_rows: int = 64  # validation rows per evaluation (0: no validation)
+
+    def validate(self) -> None:
+        if self.num_streams < 1:
+            raise ConfigError(f"num_streams: must be >= 1, got {self.num_streams}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.eval_rows < 0:
+            raise ConfigError(f"eval_rows: must be >= 0, got {self.eval_rows}")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(
+                f"eps must be > 0, weight_decay and grad_clip >= 0; got eps={self.eps}, "
+                f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip}"
+            )
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    warmup_fraction: float = 0.0  # of train.steps, linear from 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * optimizer.lr
+
+    def validate(self) -> None:
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ConfigError(f"warmup_fraction: must be in [0, 1], got {self.warmup_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclasses.dataclass
+class TrainSection:
+    steps: int
+    global_batch_size: int  # rows (packed sequences of seq_length tokens) per optimizer step
+    seq_length: int
+    micro_batch_size: int = 1
+    seed: int = 1234
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    attention_backend: Literal["auto", "blockwise", "reference"] = "auto"
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
+    # Save and exit after this step (like Megatron-LM's --exit-interval); continue with --resume auto.
+    stop_at_step: int | None = None
+
+    def validate(self) -> None:
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ConfigError(f"stop_at_step: must be >= 1 or null, got {self.stop_at_step}")
+        for name in ("steps", "global_batch_size", "seq_length", "micro_batch_size", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"global_batch_size: {self.global_batch_size} is not divisible by "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps (0: only at the end and on preemption)
+    keep_last: int = 2
+    init_from: str | None = None  # weights-only start (e.g. context extension from a 2K run)
+
+    def validate(self) -> None:
+        if self.interval < 0 or self.keep_last < 1:
+            raise ConfigError(
+                f"interval must be >= 0 and keep_last >= 1; got interval={self.interval}, keep_last={self.keep_last}"
+            )
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    interval: int = 10  # steps between metric lines (metrics.jsonl, TensorBoard)
+    eval_interval: int = 0  # steps between validation passes (0: only at the end)
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.interval < 1 or self.eval_interval < 0:
+            raise ConfigError(
+                f"interval must be >= 1 and eval_interval >= 0; got {self.interval}, {self.eval_interval}"
+            )
+
+
+@dataclasses.dataclass
+class LaunchConfig:
+    nproc_per_node: int = 1  # processes `lucid train` starts (through torchrun) when not under one
+
+    def validate(self) -> None:
+        if self.nproc_per_node < 1:
+            raise ConfigError(f"nproc_per_node: must be >= 1, got {self.nproc_per_node}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: ModelConfig
+    train: TrainSection
+    data: DataConfig
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
+
+    def validate(self) -> None:
+        try:
+            check_model_fits(self.model, self.parallel)
+        except ValueError as err:
+            raise ConfigError(f"parallel.tensor_parallel_size: {err}") from None
+        if self.train.seq_length > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_length: {self.train.seq_length} exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+        tokens = self.train.micro_batch_size * self.train.seq_length
+        if self.parallel.sequence_parallel and tokens % self.parallel.tensor_parallel_size:
+            raise ConfigError(
+                f"train.seq_length: micro_batch_size x seq_length ({tokens}) must be divisible by "
+                f"tensor_parallel_size ({self.parallel.tensor_parallel_size}) with sequence_parallel"
+            )
+
+
+@dataclasses.dataclass
+class RunLayout:
+    """How the world splits: world = data_parallel x context_parallel x tensor_parallel."""
+
+    world_size: int
+    tensor_parallel: int
+    context_parallel: int
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.tensor_parallel * self.context_parallel)
+
+
+def check_layout(cfg: TrainConfig, world_size: int) -> RunLayout:
+    """Checks that need the number of processes; call before any process group starts."""
+    tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
+    if world_size % (tp * cp):
+        raise ConfigError(
+            f"parallel: the world size ({world_size} processes) is not divisible by "
+            f"tensor_parallel_size x context_parallel_size ({tp} x {cp})"
+        )
+    layout = RunLayout(world_size, tp, cp)
+    dp, mbs, gbs = layout.data_parallel, cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if gbs % (mbs * dp):
+        raise ConfigError(
+            f"train.global_batch_size: {gbs} is not divisible by micro_batch_size x data_parallel "
+            f"({mbs} x {dp}); data_parallel = {world_size} processes / (TP {tp} x CP {cp})"
+        )
+    return layout
+
+
+def gradient_accumulation_steps(cfg: TrainConfig, layout: RunLayout) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data_parallel)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then the decay."""
+    peak, steps = cfg.optimizer.lr, cfg.train.steps
+    warmup = round(cfg.schedule.warmup_fraction * steps)
+    if step <= warmup:
+        return peak * step / warmup
+    floor = peak * cfg.schedule.min_lr_ratio
+    progress = (step - warmup) / max(1, steps - warmup)
+    if cfg.schedule.decay == "constant":
+        return peak
+    if cfg.schedule.decay == "linear":
+        return floor + (peak - floor) * (1 - progress)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def _apply_override(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _resolve_model(model) -> dict:
+    """``model: {preset: NAME, ...overrides}`` -> the preset's fields updated by the overrides."""
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping (a preset name and/or fields), got {model!r}")
+    model = dict(model)
+    preset = model.pop("preset", None)
+    if preset is None:
+        return model
+    path = MODEL_PRESET_DIR / f"{preset}.yaml"
+    if not isinstance(preset, str) or not path.exists():
+        raise ConfigError(f"model.preset: {preset!r} is not a preset; allowed: {', '.join(model_preset_names())}")
+    with open(path) as f:
+        base = yaml.safe_load(f) or {}
+    base.update(model)
+    return base
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    data = copy.deepcopy(data)
+    for assignment in overrides:
+        _apply_override(data, assignment)
+    if not isinstance(data, dict):
+        raise ConfigError(f"a training config must be a mapping of sections, got {data!r}")
+    if "model" in data:
+        data["model"] = _resolve_model(data["model"])
+    return from_dict(TrainConfig, data)
+
+
+def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML training config (a path, or a name in configs/ like ``demo``) plus overrides."""
+    path = Path(path)
+    if not path.exists() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").exists():
+        path = CONFIG_DIR / f"{path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return config_from_dict(data, overrides)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The fully resolved config as YAML (model fields expanded, every default written out)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

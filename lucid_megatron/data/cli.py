@@ -1,0 +1,64 @@
+"""``lucid data synth`` and ``lucid data prepare``: write token shards plus their manifest."""
+
+from __future__ import annotations
+
+import sys
+
+DEFAULT_TASK = {"min_len": 256, "max_len": 512, "num_needles": 4, "num_queries": 1, "key_len": 4, "value_len": 4,
+                "filler_words": 64}
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    synth = sub.add_parser("synth", help="write the synthetic long-context retrieval dataset",
+                           description="Write the synthetic key->value retrieval dataset (with answer masks).")
+    synth.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) dataset directory")
+    synth.add_argument("--train-docs", type=int, default=8192)
+    synth.add_argument("--valid-docs", type=int, default=256)
+    for name, default in DEFAULT_TASK.items():
+        synth.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    synth.add_argument("--docs-per-shard", type=int, default=512)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")
+
+    prepare = sub.add_parser("prepare", help="tokenize .txt / .jsonl files into shards",
+                             description="Tokenize text: a .txt file is one document, a .jsonl line is one.")
+    prepare.add_argument("inputs", metavar="INPUT", nargs="+", help=".txt or .jsonl files")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="new (or empty) dataset directory")
+    prepare.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")
+    prepare.add_argument("--valid-fraction", type=float, default=0.01)
+    prepare.add_argument("--docs-per-shard", type=int, default=1000)
+    prepare.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines")
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--no-bos", action="store_true", help="do not start documents with BOS")
+    prepare.add_argument("--no-eos", action="store_true", help="do not end documents with EOS")
+
+
+def _report(manifest) -> None:
+    print(f"wrote {manifest.dir} (tokenizer {manifest.tokenizer['name']}, "
+          f"answer masks: {'yes' if manifest.has_answer_mask else 'no'})")
+    for name, info in manifest.splits.items():
+        print(f"  {name:6s} {len(info.shards):5d} shards {info.documents:10d} documents {info.tokens:12d} tokens")
+
+
+def run(args) -> int:
+    from .prepare import prepare_dataset
+    from .synth import RetrievalTask, write_synth_dataset
+    from .tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        if args.data_command == "synth":
+            task = RetrievalTask(**{name: getattr(args, name) for name in DEFAULT_TASK})
+            manifest = write_synth_dataset(args.out_dir, task, train_docs=args.train_docs, valid_docs=args.valid_docs,
+                                           docs_per_shard=args.docs_per_shard, seed=args.seed, tokenizer=tokenizer)
+        else:
+            manifest = prepare_dataset(args.inputs, args.out, tokenizer=tokenizer, valid_fraction=args.valid_fraction,
+                                       docs_per_shard=args.docs_per_shard, text_key=args.text_key, seed=args.seed,
+                                       add_bos=not args.no_bos, add_eos=not args.no_eos)
+    except (ValueError, OSError) as err:
+        print(f"lucid data {args.data_command}: error: {err}", file=sys.stderr)
+        return 1
+    _report(manifest)
+    return 0

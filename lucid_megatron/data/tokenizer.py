@@ -1,0 +1,117 @@
+"""Tokenizers: an embedded byte-level one (no download) and local Hugging Face directories.
+
+Both expose the same small surface the data pipeline and the trainer use: ``encode`` (no special
+tokens added), ``decode`` (special tokens dropped), ``bos_id``, ``eos_id``, ``pad_id``,
+``vocab_size``, ``name`` and ``manifest_entry()`` (what a dataset manifest records).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ALLOWED_SPECS = "'byte' or the path of a local Hugging Face tokenizer directory"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255; three special ids follow them."""
+
+    kind = "byte"
+    name = "byte-v1"
+    bos_id = 256
+    eos_id = 257
+    pad_id = 258
+    vocab_size = 259
+    path = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"{self.name}: token id {bad[0]} is outside 0..{self.vocab_size - 1}")
+        # Bytes cut mid-character (e.g. by packing) decode to U+FFFD instead of failing.
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def manifest_entry(self) -> dict:
+        return _entry(self)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer loaded from a local directory only (never the network)."""
+
+    kind = "hf"
+
+    def __init__(self, directory):
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
+        self.path = str(directory.resolve())
+        self.name = "hf:" + os.path.basename(self.path)
+        self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"tokenizer {self.path!r} has no eos token; documents need one to mark their end")
+        self.eos_id = int(self._tok.eos_token_id)
+        # Many causal-LM tokenizers define neither BOS nor PAD; EOS is the usual stand-in for both.
+        self.bos_id = self.eos_id if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
+        self.pad_id = self.eos_id if self._tok.pad_token_id is None else int(self._tok.pad_token_id)
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def manifest_entry(self) -> dict:
+        return _entry(self)
+
+
+def _entry(tokenizer) -> dict:
+    return {
+        "name": tokenizer.name, "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+        "path": tokenizer.path,
+    }
+
+
+def load_tokenizer(spec):
+    """``"byte"`` -> ByteTokenizer; an existing directory -> HFTokenizer."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if isinstance(spec, (str, os.PathLike)) and os.path.isdir(spec):
+        return HFTokenizer(spec)
+    raise ValueError(f"tokenizer {str(spec)!r} is neither 'byte' nor an existing directory; allowed: {ALLOWED_SPECS}")
+
+
+def tokenizer_from_manifest(manifest):
+    """The tokenizer a dataset was made with (a Manifest or its ``tokenizer`` dict).
+
+    A Hugging Face tokenizer is reloaded from the recorded path and must still have the recorded
+    vocabulary size and special ids, so that a changed directory is caught before training.
+    """
+    entry = manifest if isinstance(manifest, dict) else manifest.tokenizer
+    kind = entry.get("kind")
+    if kind == "byte":
+        tokenizer = ByteTokenizer()
+    elif kind == "hf":
+        if not entry.get("path") or not os.path.isdir(entry["path"]):
+            raise FileNotFoundError(
+                f"the dataset's tokenizer directory {entry.get('path')!r} does not exist on this machine; "
+                "copy it there (the manifest records its absolute path)"
+            )
+        tokenizer = HFTokenizer(entry["path"])
+    else:
+        raise ValueError(f"manifest tokenizer kind {kind!r} is unknown; allowed: 'byte', 'hf'")
+    current = tokenizer.manifest_entry()
+    for key in ("name", "vocab_size", "bos_id", "eos_id", "pad_id"):
+        if key in entry and entry[key] != current[key]:
+            raise ValueError(
+                f"tokenizer {current['name']!r} has {key}={current[key]!r} but the dataset was made with "
+                f"{key}={entry[key]!r}; re-prepare the data or restore the original tokenizer"
+            )
+    return tokenizer

@@ -1,0 +1,1 @@
+"""The pretraining driver: DeepSpeed engine, training loop, checkpoints, metrics, preemption."""

@@ -1,0 +1,171 @@
+"""Atomic, reshardable training checkpoints.
+
+Layout of ``RUN_DIR/checkpoints/``::
+
+    step_00000100/
+        model/          Megatron dist_checkpointing (torch_dist): weights, reshardable across TP/DP/CP
+        deepspeed/      DeepSpeed's optimizer state (Adam moments; tied to the TP x DP x ZeRO layout)
+        rng/rank_K.pt   each rank's RNG streams
+        state.json      step, data-stream positions, counters, the layout it was saved with
+        COMPLETE        written last inside the directory
+    latest              name of the newest complete checkpoint, replaced atomically after publishing
+
+A save writes into ``step_XXXXXXXX.partial/`` and renames it only when every rank has finished and
+``COMPLETE`` is written, then replaces ``latest``: a process killed at any moment leaves the previous
+checkpoint intact and ``latest`` pointing at it.  Loading on a different TP/DP layout restores the
+weights (resharded by Megatron), the step and the data position; Adam's moments are then restarted,
+with a warning, because DeepSpeed's ZeRO partitions cannot be resharded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _gathered_parameters(engine):
+    """ZeRO-3 keeps parameters partitioned: gather them (read-only) for a full-weight save."""
+    if engine is not None and engine.zero_optimization_stage() == 3:
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, root: str | Path, keep_last: int = 2):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    # ---- finding -----------------------------------------------------------------------------
+
+    def complete_checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and (p / "COMPLETE").exists()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names if it is complete, else the newest complete one."""
+        pointer = self.root / "latest"
+        if pointer.exists():
+            candidate = self.root / pointer.read_text().strip()
+            if (candidate / "COMPLETE").exists():
+                return candidate
+            warnings.warn(f"{pointer} names {candidate.name}, which is not a complete checkpoint; scanning")
+        complete = self.complete_checkpoints()
+        return complete[-1] if complete else None
+
+    # ---- saving (collective: every rank calls it) ----------------------------------------------
+
+    def save(self, step: int, engine, state: dict) -> Path:
+        rank = dist.get_rank()
+        final = self.step_dir(step)
+        partial = final.with_name(final.name + ".partial")
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if partial.exists():  # left by a save that was killed
+                shutil.rmtree(partial)
+            (partial / "model").mkdir(parents=True)
+            (partial / "rng").mkdir()
+        dist.barrier()
+        with _gathered_parameters(engine):
+            dist_checkpointing.save(engine.module.sharded_state_dict(), str(partial / "model"))
+        engine.save_checkpoint(str(partial / "deepspeed"), tag="state", save_latest=False)
+        torch.save(rng_state(), partial / "rng" / f"rank_{rank}.pt")
+        if rank == 0:
+            _atomic_write_text(partial / "state.json", json.dumps({"step": step, **state}, indent=1))
+        dist.barrier()
+        if rank == 0:
+            _atomic_write_text(partial / "COMPLETE", "")
+            if final.exists():  # an older save of the same step (e.g. re-run after preemption)
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(self.root)
+            _atomic_write_text(self.root / "latest", final.name)
+            for old in self.complete_checkpoints()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+    # ---- loading --------------------------------------------------------------------------------
+
+    @staticmethod
+    def read_state(path: Path) -> dict:
+        return json.loads((Path(path) / "state.json").read_text())
+
+    @staticmethod
+    def load_weights(path: Path, model: torch.nn.Module) -> None:
+        """Megatron-format weights into a (not yet DeepSpeed-wrapped) model, any TP/DP layout."""
+        state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / "model"))
+        model.load_state_dict(state_dict, strict=True)
+
+    @staticmethod
+    def load_training_state(path: Path, engine, same_layout: bool, layout_note: str) -> None:
+        """Optimizer and RNG state, when the layout matches the one the checkpoint was saved with."""
+        path = Path(path)
+        if not same_layout:
+            warnings.warn(
+                f"{path.name} was saved with a different layout ({layout_note}): weights, step and data "
+                "position are restored, the AdamW moments restart from zero"
+            )
+            return
+        engine.load_checkpoint(
+            str(path / "deepspeed"), tag="state", load_optimizer_states=True,
+            load_lr_scheduler_states=False, load_module_strict=True,
+        )
+        rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=False))

@@ -1,0 +1,103 @@
+"""Rank-0 logging: metrics.jsonl, TensorBoard scalars, and a console progress line with ETA."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# metrics.jsonl key -> TensorBoard tag
+TENSORBOARD_TAGS = {
+    "loss": "train/loss",
+    "valid_loss": "valid/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "perf/tokens_per_s",
+    "step_time_s": "perf/step_time_s",
+    "memory_gib": "perf/memory_gib",
+    "nonfinite_steps": "train/nonfinite_steps",
+}
+
+
+class MetricsLogger:
+    """Writes only on the rank that has ``enabled=True`` (rank 0); every call is cheap elsewhere."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress: bool,
+                 total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.progress = progress and enabled
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.start_time = time.monotonic()
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb_dir = Path(run_dir) / "tensorboard"
+        self.writer = None
+        if enabled:
+            self._truncate_after(start_step)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start_step + 1)
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines of steps after the checkpoint (they will be logged again)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def static(self, step: int, values: dict) -> None:
+        """Run facts (world layout, ZeRO stage) as TensorBoard scalars."""
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"layout/{key}", value, step)
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                tag = TENSORBOARD_TAGS.get(key)
+                if tag is not None and value is not None:
+                    self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        if self.progress and "loss" in values:
+            self._print_progress(step, values)
+        elif self.progress and "valid_loss" in values:
+            print(f"step {step}: validation loss {values['valid_loss']:.4f}", flush=True)
+
+    def _print_progress(self, step: int, values: dict) -> None:
+        done = step - self.start_step
+        elapsed = time.monotonic() - self.start_time
+        remaining = elapsed / max(done, 1) * (self.total_steps - step)
+        width = 24
+        filled = int(width * step / self.total_steps)
+        bar = "#" * filled + "." * (width - filled)
+        parts = [
+            f"step {step}/{self.total_steps} [{bar}]",
+            f"loss {values['loss']:.4f}",
+            f"lr {values['lr']:.2e}",
+        ]
+        if values.get("grad_norm") is not None:
+            parts.append(f"gnorm {values['grad_norm']:.3f}")
+        parts.append(f"{values['tokens_per_s']:.0f} tok/s")
+        parts.append(f"ETA {_duration(remaining)}")
+        print("  ".join(parts), file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

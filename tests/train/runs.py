@@ -1,0 +1,63 @@
+"""Run `lucid train` for real (subprocess; torchrun for several processes) and read what it wrote."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+# A small run: the tiny model on a small synthetic retrieval dataset, 2 gloo processes in seconds.
+BASE_CONFIG = {
+    "model": {"preset": "tiny"},
+    "data": {"path": None, "num_streams": 4, "num_workers": 0, "eval_rows": 8},
+    "optimizer": {"lr": 3.0e-3, "weight_decay": 0.01, "grad_clip": 1.0},
+    "schedule": {"warmup_fraction": 0.2, "decay": "cosine", "min_lr_ratio": 0.1},
+    "train": {"steps": 5, "global_batch_size": 8, "micro_batch_size": 2, "seq_length": 64, "zero_stage": 0},
+    "checkpoint": {"interval": 0, "keep_last": 2},
+    "logging": {"interval": 1, "eval_interval": 0, "progress": False},
+}
+
+
+def write_config(directory: Path, dataset: Path, name: str = "config.yaml") -> Path:
+    cfg = json.loads(json.dumps(BASE_CONFIG))
+    cfg["data"]["path"] = str(dataset)
+    path = Path(directory) / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_command(config: Path, run_dir: Path, *, nproc: int = 1, overrides=(), resume=None) -> list[str]:
+    command = [sys.executable, "-m", "lucid_megatron", "train", str(config), "--run-dir", str(run_dir),
+               "--nproc-per-node", str(nproc)]
+    for assignment in overrides:
+        command += ["--set", assignment]
+    if resume:
+        command += ["--resume", resume]
+    return command
+
+
+def train_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_train(config: Path, run_dir: Path, *, nproc: int = 1, overrides=(), resume=None, timeout=600,
+              expect_ok=True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        train_command(config, run_dir, nproc=nproc, overrides=overrides, resume=resume),
+        capture_output=True, text=True, timeout=timeout, env=train_env(),
+    )
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"lucid train failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+def train_records(run_dir: Path) -> dict[int, dict]:
+    """step -> the training record of that step (validation records left out)."""
+    return {r["step"]: r for r in metrics(run_dir) if "loss" in r}

@@ -1,0 +1,104 @@
+"""The training config schema: presets validate, bad keys and values are named, schedule values."""
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lucid_megatron.config import ConfigError
+from lucid_megatron.config.train import (
+    CONFIG_DIR,
+    check_layout,
+    config_from_dict,
+    dump_config,
+    gradient_accumulation_steps,
+    load_train_config,
+    lr_at,
+)
+
+TRAIN_CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_expected_presets_exist():
+    assert {"demo.yaml", "125m.yaml", "350m.yaml", "1b-2k.yaml", "1b-64k.yaml"} <= set(TRAIN_CONFIGS)
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_every_config_file_validates(name):
+    cfg = load_train_config(CONFIG_DIR / name)
+    # and survives a round trip through the resolved dump
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_paper_recipe():
+    cfg = load_train_config(CONFIG_DIR / "1b-2k.yaml")
+    o = cfg.optimizer
+    assert (o.lr, o.beta2, o.eps, o.weight_decay) == (5e-4, 0.99, 1e-12, 0.01)
+    assert cfg.schedule.decay == "cosine" and cfg.schedule.warmup_fraction == 0.06
+    assert cfg.train.seq_length == 2048
+    assert 0.45e6 <= cfg.train.global_batch_size * cfg.train.seq_length <= 0.55e6
+    assert cfg.model.hidden_size == 2048 and cfg.model.num_layers == 22
+    long = load_train_config(CONFIG_DIR / "1b-64k.yaml")
+    assert (long.train.seq_length, long.optimizer.lr, long.train.steps) == (65536, 5e-6, 500)
+    assert long.checkpoint.init_from
+
+
+def test_softmax_baseline_is_one_override_away():
+    cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["model.lucid_layers=none"])
+    assert cfg.model.layer_is_lucid() == [False] * cfg.model.num_layers
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("train.stepz=3", r"train.stepz: unknown key; allowed: steps, global_batch_size"),
+        ("optimizer.lr=fast", r"optimizer.lr: expected float, got 'fast'"),
+        ("train.steps=ten", r"train.steps: expected int, got 'ten'"),
+        ("train.zero_stage=4", r"train.zero_stage: 4 is not allowed; allowed: 0, 1, 2, 3"),
+        ("train.zero_stage=true", r"train.zero_stage: True is not allowed"),
+        ("parallel.tensor_parallel_size=3", r"num_attention_heads \(8\) is not divisible by tensor_parallel_size \(3\)"),
+        ("train.global_batch_size=15", r"global_batch_size: 15 is not divisible by micro_batch_size \(4\)"),
+        ("model.preset=2b", r"model.preset: '2b' is not a preset; allowed: 125m, 1b"),
+        ("model.lucid_layers=every-2", r"model.lucid_layers: unknown pattern"),
+        ("data.loss_tokens=some", r"data.loss_tokens: 'some' is not allowed; allowed: 'all', 'answer'"),
+        ("bogus.key=1", r"bogus: unknown key; allowed: model, train, data"),
+        ("train.seq_length=100000", r"train.seq_length: 100000 exceeds model.max_seq_len"),
+        ("steps=3", r"--set expects section.key=value, got 'steps=3'"),
+    ],
+)
+def test_bad_values_are_named(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(CONFIG_DIR / "demo.yaml", [override])
+
+
+def test_layout_checks_need_the_world_size():
+    cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["train.global_batch_size=12", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"global_batch_size: 12 is not divisible by micro_batch_size x data_parallel \(4 x 2\)"):
+        check_layout(cfg, 2)
+    cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.tensor_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"world size \(3 processes\) is not divisible"):
+        check_layout(cfg, 3)
+    layout = check_layout(cfg, 4)
+    assert layout.data_parallel == 2 and gradient_accumulation_steps(cfg, layout) == 2
+
+
+def test_lr_schedule():
+    cfg = load_train_config(
+        CONFIG_DIR / "demo.yaml",
+        ["train.steps=100", "optimizer.lr=1.0", "schedule.warmup_fraction=0.1", "schedule.min_lr_ratio=0.1"],
+    )
+    assert lr_at(cfg, 1) == pytest.approx(0.1) and lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 100) == pytest.approx(0.1)
+    # halfway through the decay: cosine midpoint between peak and floor
+    assert lr_at(cfg, 55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    lin = load_train_config(CONFIG_DIR / "demo.yaml", ["train.steps=10", "optimizer.lr=1.0",
+                                                        "schedule.warmup_fraction=0", "schedule.decay=linear",
+                                                        "schedule.min_lr_ratio=0"])
+    assert [round(lr_at(lin, s), 6) for s in (1, 5, 10)] == [0.9, 0.5, 0.0]
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_train_config(Path("no/such/config.yaml"))

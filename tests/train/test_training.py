@@ -1,0 +1,215 @@
+"""`lucid train` end to end on CPU with real gloo processes, DeepSpeed, checkpoints and TensorBoard."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
+from lucid_megatron.data.tokenizer import ByteTokenizer
+
+from .runs import metrics, run_train, train_command, train_env, train_records, write_config
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    dataset = root / "synth"
+    write_synth_dataset(
+        dataset, RetrievalTask(min_len=40, max_len=64, num_needles=1, num_queries=1),
+        train_docs=600, valid_docs=40, docs_per_shard=50, seed=0, tokenizer=ByteTokenizer(),
+    )
+    return write_config(root, dataset)
+
+
+def _losses(run_dir, steps=None):
+    records = train_records(run_dir)
+    return [records[s]["loss"] for s in (steps or sorted(records))]
+
+
+def _assert_close(a, b, tol):
+    assert len(a) == len(b)
+    assert max(abs(x - y) for x, y in zip(a, b)) <= tol, (a, b)
+
+
+# ---- equivalence of layouts -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_run(config, tmp_path_factory):
+    """DP=1, ZeRO-0, 6 steps: the curve every other layout must reproduce."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    run_train(config, run_dir, overrides=["train.steps=6"])
+    return run_dir
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_and_dp2_reproduce_dp1(config, reference_run, tmp_path, stage):
+    run_dir = tmp_path / "run"
+    run_train(config, run_dir, nproc=2, overrides=["train.steps=6", f"train.zero_stage={stage}"])
+    want, got = train_records(reference_run), train_records(run_dir)
+    _assert_close(_losses(run_dir), _losses(reference_run), 2e-5)
+    # the same rows went into every step
+    assert [got[s]["data_digest"] for s in got] == [want[s]["data_digest"] for s in want]
+    assert want[6]["loss"] < want[1]["loss"]
+
+
+def test_tp2_reproduces_tp1(config, reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(config, run_dir, nproc=2, overrides=["train.steps=6", "parallel.tensor_parallel_size=2",
+                                                   "parallel.sequence_parallel=true", "train.zero_stage=1"])
+    _assert_close(_losses(run_dir), _losses(reference_run), 2e-5)
+
+
+# ---- resume, preemption, kills ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ten_steps(config, tmp_path_factory):
+    """Uninterrupted 10-step DP=2 ZeRO-1 run."""
+    run_dir = tmp_path_factory.mktemp("ten") / "run"
+    run_train(config, run_dir, nproc=2, overrides=["train.steps=10", "train.zero_stage=1"])
+    return run_dir
+
+
+def test_resume_is_bit_exact(config, ten_steps, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["train.steps=10", "train.zero_stage=1"]
+    run_train(config, run_dir, nproc=2, overrides=common + ["train.stop_at_step=5"])
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000005"
+    assert max(train_records(run_dir)) == 5
+    run_train(config, run_dir, nproc=2, overrides=common, resume="auto")
+    want, got = train_records(ten_steps), train_records(run_dir)
+    assert sorted(got) == list(range(1, 11))
+    assert [got[s]["loss"] for s in range(6, 11)] == [want[s]["loss"] for s in range(6, 11)]  # bit-identical
+    assert [got[s]["data_digest"] for s in range(1, 11)] == [want[s]["data_digest"] for s in range(1, 11)]
+
+
+def test_sigterm_saves_and_resumes_exactly(config, ten_steps, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["train.steps=10", "train.zero_stage=1"]
+    proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=common), env=train_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and train_records(run_dir) and max(train_records(run_dir)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "received SIGTERM" in out
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 2 <= stopped_at < 10
+    run_train(config, run_dir, nproc=2, overrides=common, resume="auto")
+    want, got = train_records(ten_steps), train_records(run_dir)
+    assert [got[s]["loss"] for s in range(1, 11)] == [want[s]["loss"] for s in range(1, 11)]
+    assert [got[s]["data_digest"] for s in range(1, 11)] == [want[s]["data_digest"] for s in range(1, 11)]
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(config, tmp_path):
+    """Kill the whole job while step 4's checkpoint is being written: step 2's stays the one to use."""
+    run_dir = tmp_path / "run"
+    bigger = ["model.hidden_size=256", "model.ffn_hidden_size=704", "model.num_layers=4",
+              "train.steps=8", "checkpoint.interval=2", "checkpoint.keep_last=3", "train.zero_stage=1"]
+    proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=bigger), env=train_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    partial = run_dir / "checkpoints" / "step_00000004.partial"
+    deadline = time.monotonic() + 300
+    while not partial.exists() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert partial.exists(), "the save of step 4 never started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert not (run_dir / "checkpoints" / "step_00000004").exists()
+    run_train(config, run_dir, nproc=2, overrides=bigger, resume="auto")
+    records = train_records(run_dir)
+    assert sorted(records) == list(range(1, 9))
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000008"
+    assert not partial.exists()
+
+
+# ---- resharding -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "saved,loaded",
+    [
+        ((2, ["parallel.tensor_parallel_size=2"]), (1, [])),
+        ((1, []), (2, [])),
+        ((2, []), (1, [])),
+    ],
+    ids=["tp2-to-tp1", "dp1-to-dp2", "dp2-to-dp1"],
+)
+def test_checkpoint_reshards(config, tmp_path, saved, loaded):
+    """Saved at one layout, loaded at another: the next step's loss (before its update) is the same."""
+    (save_nproc, save_overrides), (load_nproc, load_overrides) = saved, loaded
+    common = ["train.steps=6", "train.zero_stage=1"]
+    uninterrupted = tmp_path / "full"
+    run_train(config, uninterrupted, nproc=save_nproc, overrides=common + save_overrides)
+    run_dir = tmp_path / "run"
+    run_train(config, run_dir, nproc=save_nproc, overrides=common + save_overrides + ["train.stop_at_step=5"])
+    result = run_train(config, run_dir, nproc=load_nproc, overrides=common + load_overrides, resume="auto")
+    assert "AdamW moments restart" in result.stderr + result.stdout
+    assert abs(train_records(run_dir)[6]["loss"] - train_records(uninterrupted)[6]["loss"]) < 2e-5
+
+
+# ---- logging, faults, validation --------------------------------------------------------------
+
+
+def test_tensorboard_events_hold_the_scalars(config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    run_train(config, run_dir, nproc=2, overrides=["train.steps=4", "logging.eval_interval=2", "train.zero_stage=2"])
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "valid/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
+                "perf/memory_gib", "layout/zero_stage", "layout/world_size", "layout/data_parallel",
+                "layout/tensor_parallel", "layout/context_parallel"}
+    assert expected <= tags, expected - tags
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx(_losses(run_dir), rel=1e-6)  # TensorBoard stores float32
+    assert [e.step for e in events.Scalars("valid/loss")] == [2, 4]
+    assert events.Scalars("layout/zero_stage")[0].value == 2
+    assert events.Scalars("layout/data_parallel")[0].value == 2
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(config, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(
+        config, run_dir, overrides=["train.steps=40", "optimizer.lr=1.0e+30", "optimizer.grad_clip=0",
+                                    "schedule.warmup_fraction=0", "train.max_nonfinite_steps=3"],
+        expect_ok=False,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "non-finite for 3 consecutive steps" in result.stderr
+    records = train_records(run_dir)
+    skipped = [s for s, r in records.items() if r["skipped"]]
+    assert len(skipped) >= 3 and records[max(records)]["nonfinite_steps"] >= 3
+
+
+def test_invalid_configs_fail_before_any_process_starts(config, tmp_path):
+    cases = [
+        (["parallel.tensor_parallel_size=3"], "not divisible by tensor_parallel_size (3)"),
+        (["train.global_batch_size=6"], "global_batch_size: 6 is not divisible by micro_batch_size x data_parallel (2 x 2)"),
+        (["data.path=" + str(tmp_path / "nowhere")], "has no manifest.json and data.synth is not set"),
+        (["train.bogus=1"], "train.bogus: unknown key"),
+    ]
+    for overrides, message in cases:
+        started = time.monotonic()
+        result = run_train(config, tmp_path / "run", nproc=2, overrides=overrides, expect_ok=False, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "torch.distributed" not in result.stderr and "DeepSpeed" not in result.stdout
+        assert time.monotonic() - started < 60
+        assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_dir_needs_resume(config, reference_run):
+    result = run_train(config, reference_run, overrides=["train.steps=6"], expect_ok=False, timeout=120)
+    assert result.returncode == 2 and "already has checkpoints; pass --resume auto" in result.stderr
