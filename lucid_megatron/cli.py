@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module, one-line help).  Modules are imported only when their command runs.
 SUBCOMMANDS = {
@@ -31,7 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Megatron-Core announces on every import, in every process, that it falls back from Apex and
+# Transformer Engine to plain PyTorch. That is expected here (and on CPU); keep the console readable.
+QUIET_WARNINGS = (
+    r".*(Apex|Transformer Engine)( and Apex)? (is|are) not installed.*",
+    r"full scope is deprecated.*",  # megatron-core's own default for cuda_graph_scope
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
     args = build_parser().parse_args(argv)
     result = importlib.import_module(args._module).run(args)
     return int(result or 0)

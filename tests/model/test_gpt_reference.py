@@ -64,3 +64,21 @@ def test_packed_documents_equal_separate_rows():
             {k: v.detach() for k, v in weights_of(model).items()}, cfg, tokens, labels, positions, cu
         )
     assert (packed_loss - want).abs().max() < 1e-5
+
+
+def test_activation_checkpointing_changes_nothing():
+    """Megatron's full recomputation (train.activation_checkpointing) gives the same loss and gradients."""
+    cfg = tiny_config()
+    with single_process_parallel():
+        plain, recomputed = build(cfg), build(cfg, recompute_activations=True)
+        recomputed.load_state_dict(plain.state_dict())
+        tokens, labels, positions = batch(cfg.vocab_size, 2, 32)
+        losses = []
+        for model in (plain, recomputed):
+            loss = model(tokens, positions, None, labels=labels).mean()
+            loss.backward()
+            losses.append(loss)
+    assert recomputed.config.recompute_granularity == "full"
+    assert torch.equal(losses[0], losses[1])
+    for a, b in zip(plain.parameters(), recomputed.parameters()):
+        assert torch.equal(a.grad, b.grad)
