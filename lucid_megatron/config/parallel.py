@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .schema import ConfigError
 
@@ -16,9 +16,12 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     sequence_parallel: bool = False
     context_parallel_size: int = 1
+    # "a2a": heads all-to-all (needs heads divisible by CP); "p2p": sequence-pipelined solve
+    cp_comm_type: Literal["a2a", "p2p"] = "p2p"
+    cp_sub_chunks: int = 1  # p2p pipeline units per zigzag chunk (shorter critical path, more messages)
 
     def validate(self) -> None:
-        for name in ("tensor_parallel_size", "context_parallel_size"):
+        for name in ("tensor_parallel_size", "context_parallel_size", "cp_sub_chunks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.sequence_parallel and self.tensor_parallel_size == 1:
@@ -42,5 +45,14 @@ def check_model_fits(model: "ModelConfig", parallel: ParallelConfig) -> None:
             f"make_vocab_size_divisible_by ({model.make_vocab_size_divisible_by}) is not divisible by "
             f"tensor_parallel_size ({tp}) (the padded vocabulary must split evenly and not depend on TP)"
         )
+    cp = parallel.context_parallel_size
+    if cp > 1 and parallel.cp_comm_type == "a2a" and not problems:
+        heads, kv_heads = model.num_attention_heads // tp, model.kv_heads // tp
+        if heads % cp or (kv_heads % cp and cp % kv_heads):
+            problems.append(
+                f"cp_comm_type='a2a' needs the attention heads per TP rank ({heads}) divisible by "
+                f"context_parallel_size ({cp}) and the KV heads per TP rank ({kv_heads}) dividing or divisible "
+                "by it; use cp_comm_type='p2p'"
+            )
     if problems:
         raise ValueError("model does not fit the parallel layout: " + "; ".join(problems))

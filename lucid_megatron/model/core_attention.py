@@ -7,16 +7,24 @@ softmax_scale=None, cp_comm_type=None, pg_collection=None)`` and
 packed_seq_params=None)``.  Inputs are ``[s, b, heads, d]`` (``[t, heads, d]`` for packed THD),
 keys/values with the (TP-local) KV-head count, so GQA is native.  The output is
 ``[s, b, heads * d]`` (``[t, heads * d]`` for THD).  Neither module has parameters: a LUCID
-checkpoint is shaped exactly like a Llama one.
+checkpoint is shaped exactly like a Llama one.  With ``context_parallel_size > 1`` the local tokens are
+the zigzag share of every document (THD: ``cu_seqlens`` are the padded global boundaries) and attention
+runs through ``lucid_megatron.parallel`` (``cp_comm_type`` ``a2a`` or ``p2p``).
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from lucid_megatron.ops import lucid_attention, softmax_attention
+from lucid_megatron.parallel.context import ZigzagLayout
+from lucid_megatron.parallel.cp_a2a import a2a_attention, check_a2a_heads
+from lucid_megatron.parallel.cp_p2p import p2p_attention
+
+CP_COMM_TYPES = ("a2a", "p2p")
 
 
 class SoftmaxCoreAttention(MegatronModule):
@@ -51,21 +59,40 @@ class SoftmaxCoreAttention(MegatronModule):
             problems.append(f"window_size={config.window_size} (sliding windows are not supported)")
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             problems.append(f"softmax_type={config.softmax_type!r} (only 'vanilla')")
-        if config.context_parallel_size > 1:
-            problems.append(
-                f"context_parallel_size={config.context_parallel_size} (context parallelism is not "
-                "available in this version of the core attention)"
-            )
+        self.cp_size = config.context_parallel_size
+        self.cp_comm_type = cp_comm_type if isinstance(cp_comm_type, str) else config.cp_comm_type
+        if self.cp_size > 1:
+            if self.cp_comm_type not in CP_COMM_TYPES:
+                problems.append(
+                    f"cp_comm_type={self.cp_comm_type!r} with context_parallel_size={self.cp_size} "
+                    f"(allowed: {', '.join(CP_COMM_TYPES)})"
+                )
+            elif self.cp_comm_type == "a2a":
+                tp = config.tensor_model_parallel_size
+                try:
+                    check_a2a_heads(config.num_attention_heads // tp, config.num_query_groups // tp, self.cp_size)
+                except ValueError as err:
+                    problems.append(str(err))
         if problems:
             raise ValueError(f"{name} (layer {layer_number}) cannot be built: " + "; ".join(problems))
         self.layer_number = layer_number
         self.softmax_scale = (
             config.kv_channels**-0.5 if softmax_scale is None else float(softmax_scale)
         )
+        self.cp_group = None
+        if self.cp_size > 1:
+            self.cp_group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
 
     def attend(self, q, k, v, cu_seqlens):
         """``[B, N, H, D]`` flash-attention layout in and out."""
         return softmax_attention(q, k, v, cu_seqlens=cu_seqlens, softmax_scale=self.softmax_scale)
+
+    def attend_context_parallel(self, q, k, v, layout: ZigzagLayout):
+        """The same attention with the sequence split over CP ranks (zigzag layout, [B, N_local, H, D])."""
+        common = dict(lucid=self.kind == "lucid", eps=getattr(self, "lucid_eps", 1e-6), scale=self.softmax_scale)
+        if self.cp_comm_type == "a2a":
+            return a2a_attention(q, k, v, layout, self.cp_group, backend=getattr(self, "backend", "auto"), **common)
+        return p2p_attention(q, k, v, layout, self.cp_group, sub_chunks=getattr(self, "cp_sub_chunks", 1), **common)
 
     def forward(
         self,
@@ -94,12 +121,26 @@ class SoftmaxCoreAttention(MegatronModule):
                 )
             cu_seqlens = _self_attention_cu_seqlens(packed_seq_params)
             # THD: [t, heads, d] -> one packed row [1, t, heads, d].
-            out = self.attend(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), cu_seqlens)
+            q, k, v = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if self.cp_size > 1:  # cu_seqlens are the padded global boundaries
+                bounds = cu_seqlens.tolist()
+                layout = self._layout([b - a for a, b in zip(bounds, bounds[1:])])
+                out = self.attend_context_parallel(q, k, v, layout)
+            else:
+                out = self.attend(q, k, v, cu_seqlens)
             return out.reshape(out.shape[1], -1)
 
         # SBHD: [s, b, heads, d] -> [b, s, heads, d]; output back to [s, b, heads * d].
-        out = self.attend(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), None)
+        q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if self.cp_size > 1:  # Megatron's zigzag split of the whole sequence: one document per row
+            out = self.attend_context_parallel(q, k, v, self._layout([q.shape[1] * self.cp_size]))
+        else:
+            out = self.attend(q, k, v, None)
         return out.transpose(0, 1).reshape(out.shape[1], out.shape[0], -1)
+
+    def _layout(self, doc_lengths: list[int]) -> ZigzagLayout:
+        rank = torch.distributed.get_rank(self.cp_group)
+        return ZigzagLayout(tuple(doc_lengths), self.cp_size, rank)
 
 
 class LucidCoreAttention(SoftmaxCoreAttention):
@@ -111,10 +152,11 @@ class LucidCoreAttention(SoftmaxCoreAttention):
 
     kind = "lucid"
 
-    def __init__(self, *args, lucid_eps: float = 1e-6, backend: str = "auto", **kwargs):
+    def __init__(self, *args, lucid_eps: float = 1e-6, backend: str = "auto", cp_sub_chunks: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.lucid_eps = lucid_eps
         self.backend = backend
+        self.cp_sub_chunks = cp_sub_chunks
 
     def attend(self, q, k, v, cu_seqlens):
         return lucid_attention(

@@ -53,6 +53,7 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         context_parallel_size=parallel.context_parallel_size,
+        cp_comm_type=parallel.cp_comm_type,
         # Weights are drawn whole on the CPU and then split, so a seed gives the same model for
         # every TP size (Megatron's GPU init draws per-rank shards from per-rank streams).
         use_cpu_initialization=True,
@@ -110,7 +111,7 @@ def build_gpt_model(
     )
     spec = get_lucid_block_spec(
         model.layer_is_lucid(), transformer_engine=transformer_engine, lucid_eps=model.lucid_eps,
-        backend=attention_backend,
+        backend=attention_backend, cp_sub_chunks=parallel.cp_sub_chunks,
     )
     return GPTModel(
         config=config,

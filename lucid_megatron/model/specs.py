@@ -32,24 +32,28 @@ def transformer_engine_import_error() -> str | None:
     return None
 
 
-def core_attention_spec(lucid: bool, *, lucid_eps: float = 1e-6, backend: str = "auto") -> ModuleSpec:
+def core_attention_spec(lucid: bool, *, lucid_eps: float = 1e-6, backend: str = "auto",
+                        cp_sub_chunks: int = 1) -> ModuleSpec:
     if lucid:
-        return ModuleSpec(module=LucidCoreAttention, params={"lucid_eps": lucid_eps, "backend": backend})
+        params = {"lucid_eps": lucid_eps, "backend": backend, "cp_sub_chunks": cp_sub_chunks}
+        return ModuleSpec(module=LucidCoreAttention, params=params)
     return ModuleSpec(module=SoftmaxCoreAttention)
 
 
-def get_lucid_layer_local_spec(lucid: bool = True, *, lucid_eps: float = 1e-6, backend: str = "auto") -> ModuleSpec:
+def get_lucid_layer_local_spec(lucid: bool = True, *, lucid_eps: float = 1e-6, backend: str = "auto",
+                               cp_sub_chunks: int = 1) -> ModuleSpec:
     """Megatron's local GPT layer (RMSNorm, SwiGLU-ready MLP) with LUCID/softmax core attention."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = core_attention_spec(
-        lucid, lucid_eps=lucid_eps, backend=backend
+        lucid, lucid_eps=lucid_eps, backend=backend, cp_sub_chunks=cp_sub_chunks
     )
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
     return spec
 
 
-def get_lucid_layer_te_spec(lucid: bool = True, *, lucid_eps: float = 1e-6, backend: str = "auto") -> ModuleSpec:
+def get_lucid_layer_te_spec(lucid: bool = True, *, lucid_eps: float = 1e-6, backend: str = "auto",
+                            cp_sub_chunks: int = 1) -> ModuleSpec:
     """Megatron's Transformer Engine GPT layer (fused norm+linear) with LUCID/softmax core attention."""
     problem = transformer_engine_import_error()
     if problem is not None:
@@ -62,7 +66,7 @@ def get_lucid_layer_te_spec(lucid: bool = True, *, lucid_eps: float = 1e-6, back
 
     spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
     spec.submodules.self_attention.submodules.core_attention = core_attention_spec(
-        lucid, lucid_eps=lucid_eps, backend=backend
+        lucid, lucid_eps=lucid_eps, backend=backend, cp_sub_chunks=cp_sub_chunks
     )
     return spec
 
@@ -73,10 +77,14 @@ def get_lucid_block_spec(
     transformer_engine: bool = False,
     lucid_eps: float = 1e-6,
     backend: str = "auto",
+    cp_sub_chunks: int = 1,
 ) -> TransformerBlockSubmodules:
     """One layer spec per layer (LUCID or softmax, following the pattern) plus the final norm."""
     layer_spec = get_lucid_layer_te_spec if transformer_engine else get_lucid_layer_local_spec
-    specs = {flag: layer_spec(flag, lucid_eps=lucid_eps, backend=backend) for flag in set(layer_is_lucid)}
+    specs = {
+        flag: layer_spec(flag, lucid_eps=lucid_eps, backend=backend, cp_sub_chunks=cp_sub_chunks)
+        for flag in set(layer_is_lucid)
+    }
     if transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm
 

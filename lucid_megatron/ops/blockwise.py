@@ -31,6 +31,56 @@ def _kernel_block(rows_scaled: torch.Tensor, cols: torch.Tensor, inv_scale: floa
     return torch.bmm(rows_scaled, cols.transpose(1, 2)).sub_(inv_scale).exp_()
 
 
+def subtract_kernel_products(
+    acc: torch.Tensor,
+    rows_scaled: torch.Tensor,
+    cols_kn: torch.Tensor,
+    cols_vp: torch.Tensor,
+    *,
+    block_cols: int = DEFAULT_BLOCK_COLS,
+) -> None:
+    """``acc -= L[rows, cols] @ V'[cols]`` in place, for rows that all come after the columns.
+
+    ``rows_scaled`` are the rows' normalised keys times ``s``; blocks of ``block_cols`` columns keep
+    the temporary kernel block at ``rows x block_cols``.
+    """
+    inv_scale = rows_scaled.shape[-1] ** 0.5
+    for c0 in range(0, cols_kn.shape[1], block_cols):
+        c1 = min(c0 + block_cols, cols_kn.shape[1])
+        weights = _kernel_block(rows_scaled, cols_kn[:, c0:c1], inv_scale)
+        acc.baddbmm_(weights, cols_vp[:, c0:c1], alpha=-1.0)
+
+
+def backward_off_diagonal(
+    rows_kn_scaled: torch.Tensor,
+    rows_kn: torch.Tensor,
+    rows_grad_v: torch.Tensor,
+    cols_kn: torch.Tensor,
+    cols_vp: torch.Tensor,
+    acc_cols: torch.Tensor,
+    grad_kn_cols: torch.Tensor,
+    grad_kn_rows: torch.Tensor,
+    *,
+    block_rows: int = DEFAULT_BLOCK_COLS,
+) -> None:
+    """The backward's work for rows ``j`` that come after columns ``i`` (all in place).
+
+    With ``W = L[j, i]``: ``acc_i -= W^T dV_j`` (the upper-triangular solve), and
+    ``dS = -(dV_j V'_i^T) * W`` feeds ``dKn_i += s dS^T Kn_j`` and ``dKn_j += s dS Kn_i``.
+    Rows are taken ``block_rows`` at a time, so the temporaries are ``block_rows x cols``.
+    """
+    scale = rows_kn.shape[-1] ** -0.5
+    for r0 in range(0, rows_kn.shape[1], block_rows):
+        r1 = min(r0 + block_rows, rows_kn.shape[1])
+        weights = _kernel_block(rows_kn_scaled[:, r0:r1], cols_kn, 1.0 / scale)  # L[j, i]
+        grad_v_rows = rows_grad_v[:, r0:r1]
+        acc_cols.baddbmm_(weights.transpose(1, 2), grad_v_rows, alpha=-1.0)
+        # -dS[j, i]; the minus sign is folded into alpha below.
+        neg_ds = torch.bmm(grad_v_rows, cols_vp.transpose(1, 2)).mul_(weights)
+        grad_kn_rows[:, r0:r1].baddbmm_(neg_ds, cols_kn, alpha=-scale)
+        grad_kn_cols.baddbmm_(neg_ds.transpose(1, 2), rows_kn[:, r0:r1], alpha=-scale)
+
+
 def solve_forward(
     kn: torch.Tensor,
     v: torch.Tensor,
@@ -58,10 +108,7 @@ def solve_forward(
         acc = v[:, a:b].to(kn.dtype, copy=True)
         # Off-diagonal part: subtract L[a:b, j] V'[j] for every earlier, already solved row j.
         for src_kn, src_vp, end in sources + [(kn, vp, a)]:
-            for c0 in range(0, end, block_cols):
-                c1 = min(c0 + block_cols, end)
-                weights = _kernel_block(rows, src_kn[:, c0:c1], inv_scale)
-                acc.baddbmm_(weights, src_vp[:, c0:c1], alpha=-1.0)
+            subtract_kernel_products(acc, rows, src_kn[:, :end], src_vp[:, :end], block_cols=block_cols)
         # Diagonal block: unit lower-triangular solve; trsm never reads the diagonal of
         # `diag`, so L_ii is exactly 1 as the spec requires.
         diag = _kernel_block(rows, kn[:, a:b], inv_scale)
@@ -94,15 +141,10 @@ def solve_backward(
         kn_i, vp_i = kn[:, a:b], vp[:, a:b]
         acc = grad_vp[:, a:b].to(kn.dtype, copy=True)
         grad_kn_i = grad_kn[:, a:b]
-        for c0 in range(b, n, block_cols):
-            c1 = min(c0 + block_cols, n)
-            weights = _kernel_block(kn_scaled[:, c0:c1], kn_i, inv_scale)  # L[c, i]
-            grad_v_c = grad_v[:, c0:c1]
-            acc.baddbmm_(weights.transpose(1, 2), grad_v_c, alpha=-1.0)
-            # -dS[c, i]; the minus sign is folded into alpha below.
-            neg_ds = torch.bmm(grad_v_c, vp_i.transpose(1, 2)).mul_(weights)
-            grad_kn[:, c0:c1].baddbmm_(neg_ds, kn_i, alpha=-scale)
-            grad_kn_i.baddbmm_(neg_ds.transpose(1, 2), kn[:, c0:c1], alpha=-scale)
+        backward_off_diagonal(
+            kn_scaled[:, b:], kn[:, b:], grad_v[:, b:], kn_i, vp_i, acc, grad_kn_i, grad_kn[:, b:],
+            block_rows=block_cols,
+        )
         diag = _kernel_block(kn_scaled[:, a:b], kn_i, inv_scale)
         grad_v_i = torch.linalg.solve_triangular(
             diag.transpose(1, 2), acc, upper=True, unitriangular=True

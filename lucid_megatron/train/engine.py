@@ -95,10 +95,12 @@ class StepResult:
 
 
 def packed_seq_params(micro_batch) -> PackedSeqParams:
+    """THD boundaries of the (padded, under CP: global) row; max_seqlen is the longest document, which
+    Megatron's THD RoPE needs to restart positions per document."""
     cu = micro_batch.cu_seqlens
     return PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=micro_batch.max_seqlen,
-        max_seqlen_kv=micro_batch.max_seqlen,
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+        max_seqlen_q=micro_batch.max_seqlen, max_seqlen_kv=micro_batch.max_seqlen,
     )
 
 

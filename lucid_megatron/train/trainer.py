@@ -28,6 +28,7 @@ from lucid_megatron.data.shards import read_manifest
 from lucid_megatron.data.synth import write_synth_dataset
 from lucid_megatron.data.tokenizer import ByteTokenizer
 from lucid_megatron.model.gpt import build_gpt_model
+from lucid_megatron.parallel.context import split_micro_batch
 from lucid_megatron.parallel.state import destroy_parallel, initialize_parallel
 
 from .checkpoint import Checkpointer
@@ -157,6 +158,15 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = Non
         stream_states = dict(state.get("data", {}))
 
         dp_rank = parallel_state.get_data_parallel_rank()
+        cp_rank = parallel_state.get_context_parallel_rank()
+
+        def this_cp_rank(batches):
+            """Every CP rank of a DP group reads the same rows and keeps its zigzag share."""
+            if layout.context_parallel == 1:
+                return list(batches)
+            multiple = layout.tensor_parallel if cfg.parallel.sequence_parallel else 1
+            return [split_micro_batch(mb, layout.context_parallel, cp_rank, multiple_of=multiple) for mb in batches]
+
         loader = data_loader.make_train_loader(
             cfg.data.path, seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
             dp_rank=dp_rank, dp_size=layout.data_parallel, num_streams=cfg.data.num_streams,
@@ -191,7 +201,7 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = Non
                 dp_rank=dp_rank, dp_size=layout.data_parallel, num_streams=eval_streams,
                 max_rows=cfg.data.eval_rows, loss_tokens=cfg.data.loss_tokens,
             )
-            loss, _ = evaluate(engine, batches)
+            loss, _ = evaluate(engine, this_cp_rank(batches))
             metrics.log(step, {"valid_loss": loss})
 
         consecutive_nonfinite = 0
@@ -200,7 +210,7 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = Non
         for step in range(start_step + 1, cfg.train.steps + 1):
             started = time.perf_counter()
             micro_batches = [next(loader) for _ in range(grad_accum)]
-            result = train_step(engine, micro_batches, lr_at(cfg, step))
+            result = train_step(engine, this_cp_rank(micro_batches), lr_at(cfg, step))
             for mb in micro_batches:
                 stream_states.update(mb.stream_states)
             digest = torch.tensor([_rows_digest(micro_batches, cfg.train.seq_length)], dtype=torch.int64)

@@ -102,3 +102,18 @@ def test_lr_schedule():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_train_config(Path("no/such/config.yaml"))
+
+
+def test_context_parallel_that_cannot_be_honoured_is_refused():
+    # demo: 8 heads, 2 KV heads
+    with pytest.raises(ConfigError, match=r"cp_comm_type='a2a' needs the attention heads per TP rank \(8\) divisible "
+                                          r"by context_parallel_size \(3\)"):
+        load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.context_parallel_size=3", "parallel.cp_comm_type=a2a"])
+    with pytest.raises(ConfigError, match=r"cp_comm_type: 'ring' is not allowed; allowed: 'a2a', 'p2p'"):
+        load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.cp_comm_type=ring"])
+    # p2p needs no head split: 3 context-parallel ranks are fine, and the world must hold them
+    cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.context_parallel_size=3"])
+    with pytest.raises(ConfigError, match=r"world size \(2 processes\) is not divisible by tensor_parallel_size x "
+                                          r"context_parallel_size \(1 x 3\)"):
+        check_layout(cfg, 2)
+    assert check_layout(cfg, 3).data_parallel == 1

@@ -64,6 +64,16 @@ def test_tp2_reproduces_tp1(config, reference_run, tmp_path):
     _assert_close(_losses(run_dir), _losses(reference_run), 2e-5)
 
 
+@pytest.mark.parametrize("mode", ["a2a", "p2p"])
+def test_cp2_reproduces_cp1(config, reference_run, tmp_path, mode):
+    """Context parallelism (2 ranks, zigzag split of every document) with ZeRO-1: the same loss curve."""
+    run_dir = tmp_path / "run"
+    result = run_train(config, run_dir, nproc=2, overrides=[
+        "train.steps=6", "parallel.context_parallel_size=2", f"parallel.cp_comm_type={mode}", "train.zero_stage=1"])
+    assert "DP 1 x CP 2 x TP 1" in result.stdout
+    _assert_close(_losses(run_dir), _losses(reference_run), 2e-5)
+
+
 # ---- resume, preemption, kills ------------------------------------------------------------------
 
 

@@ -1,0 +1,89 @@
+"""Head-parallel context parallelism (``cp_comm_type="a2a"``, Ulysses-style) for LUCID and softmax.
+
+An all-to-all turns sequence-sharded tensors (each CP rank: its zigzag share of every document, all
+heads) into head-sharded ones (each rank: the whole sequence, ``heads / cp`` heads); the zigzag order
+is undone, the ordinary single-device operator runs (exact, memory-linear), and the same steps run in
+reverse.  KV heads are replicated first when there are fewer of them than CP ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lucid_megatron.ops import lucid_attention, softmax_attention
+
+from .context import ZigzagLayout, all_to_all
+
+
+def check_a2a_heads(num_heads: int, num_kv_heads: int, cp_size: int) -> None:
+    """Raise a ValueError naming the head counts when ``a2a`` cannot split them over ``cp_size`` ranks."""
+    if num_heads % cp_size or (num_kv_heads % cp_size and cp_size % num_kv_heads):
+        raise ValueError(
+            f"cp_comm_type='a2a' splits heads over context-parallel ranks: the attention heads per TP rank "
+            f"({num_heads}) must be divisible by context_parallel_size ({cp_size}), and the KV heads per TP "
+            f"rank ({num_kv_heads}) must divide or be divisible by it; use cp_comm_type='p2p' instead"
+        )
+
+
+class _SequenceToHeads(torch.autograd.Function):
+    """[B, T_local, H, D] on each rank -> [B, cp * T_local, H / cp, D] (rank-major sequence)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group), None
+
+
+class _HeadsToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group), None
+
+
+def _seq_to_heads(x, group):
+    size = torch.distributed.get_world_size(group)
+    b, t, h, d = x.shape
+    send = x.reshape(b, t, size, h // size, d).permute(2, 0, 1, 3, 4)  # [dest, B, T, H/c, D]
+    recv = all_to_all(send, group)  # [source, B, T, H/c, D]
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, size * t, h // size, d)
+
+
+def _heads_to_seq(x, group):
+    size = torch.distributed.get_world_size(group)
+    b, st, hc, d = x.shape
+    send = x.reshape(b, size, st // size, hc, d).permute(1, 0, 2, 3, 4)  # [dest, B, T, H/c, D]
+    recv = all_to_all(send, group)  # [source head group, B, T, H/c, D]
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, st // size, size * hc, d)
+
+
+def a2a_attention(q, k, v, layout: ZigzagLayout, group, *, lucid: bool, eps: float, scale: float,
+                  backend: str = "auto") -> torch.Tensor:
+    """q [B, T_local, Hq, D], k [B, T_local, Hkv, D], v [B, T_local, Hkv, Dv] in the zigzag layout."""
+    cp = layout.cp_size
+    hq, hkv = q.shape[2], k.shape[2]
+    check_a2a_heads(hq, hkv, cp)
+    if hkv % cp:  # fewer KV heads than ranks: each rank gets a copy of the one its queries use
+        k, v = k.repeat_interleave(cp // hkv, dim=2), v.repeat_interleave(cp // hkv, dim=2)
+    natural = layout.natural_from_gathered.to(q.device)
+    q, k, v = (_SequenceToHeads.apply(x, group).index_select(1, natural) for x in (q, k, v))
+    cu = None
+    if len(layout.doc_lengths) > 1:
+        bounds = [0]
+        for n in layout.doc_lengths:
+            bounds.append(bounds[-1] + n)
+        cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+    if lucid:
+        out = lucid_attention(q, k, v, cu_seqlens=cu, eps=eps, softmax_scale=scale, backend=backend)
+    else:
+        out = softmax_attention(q, k, v, cu_seqlens=cu, softmax_scale=scale)
+    out = out.index_select(1, layout.gathered_from_natural.to(q.device))
+    return _HeadsToSequence.apply(out, group)

@@ -1,0 +1,70 @@
+"""Rank functions for the context-parallel operator tests (importable by spawned processes)."""
+
+import torch
+import torch.distributed as dist
+
+from lucid_megatron.parallel.context import ZigzagLayout
+from lucid_megatron.parallel.cp_a2a import a2a_attention
+from lucid_megatron.parallel.cp_p2p import p2p_attention
+
+
+def full_inputs(batch, doc_lengths, hq, hkv, d, dv, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(doc_lengths)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return make(batch, n, hq, d), make(batch, n, hkv, d), make(batch, n, hkv, dv), make(batch, n, hq, dv)
+
+
+def cp_attention_rank(rank, world_size, mode, lucid, batch, doc_lengths, hq, hkv, d, dv, dtype, sub_chunks):
+    """Run one CP attention on this rank's zigzag share; return its output and input gradients."""
+    dist.init_process_group("gloo")
+    layout = ZigzagLayout(tuple(doc_lengths), world_size, rank)
+    q, k, v, grad_out = full_inputs(batch, doc_lengths, hq, hkv, d, dv, dtype)
+    pos = layout.local_positions
+    leaves = [x[:, pos].clone().requires_grad_() for x in (q, k, v)]
+    scale = d**-0.5 * 0.9
+    if mode == "a2a":
+        out = a2a_attention(*leaves, layout, dist.group.WORLD, lucid=lucid, eps=1e-6, scale=scale)
+    else:
+        out = p2p_attention(*leaves, layout, dist.group.WORLD, lucid=lucid, eps=1e-6, scale=scale,
+                            sub_chunks=sub_chunks, block_cols=16)
+    out.backward(grad_out[:, pos])
+    return dict(positions=pos, out=out.detach(), dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
+
+
+def cp_model_rank(rank, world_size, cp_comm_type, tp, overrides, doc_lengths):
+    """Tiny GPT at CP = world_size / tp on a packed row: weighted loss sum and CP-summed full gradients."""
+    from megatron.core import parallel_state
+
+    from lucid_megatron.config import ParallelConfig
+    from lucid_megatron.data.loader import MicroBatch
+    from lucid_megatron.parallel.context import split_micro_batch
+    from lucid_megatron.parallel.state import initialize_parallel
+    from lucid_megatron.parallel.tensor_parallel import full_gradients
+    from lucid_megatron.train.engine import micro_batch_loss_sum
+    from tests.model.common import build, tiny_config
+
+    cp = world_size // tp
+    initialize_parallel(tensor_parallel_size=tp, context_parallel_size=cp)
+    cfg = tiny_config(**overrides)
+    model = build(cfg, ParallelConfig(tensor_parallel_size=tp, context_parallel_size=cp, cp_comm_type=cp_comm_type,
+                                      sequence_parallel=tp > 1))
+    g = torch.Generator().manual_seed(7)
+    n = sum(doc_lengths)
+    tokens = torch.randint(0, cfg.vocab_size, (1, n + 1), generator=g)
+    weights = (torch.rand(1, n, generator=g) > 0.2).float()
+    cu = torch.tensor([0, *torch.tensor(doc_lengths).cumsum(0).tolist()], dtype=torch.int32)
+    mb = MicroBatch(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_weight=weights,
+                    position_ids=torch.cat([torch.arange(m) for m in doc_lengths])[None], cu_seqlens=cu,
+                    max_seqlen=max(doc_lengths), num_rows=1, stream_states={})
+    if cp > 1:
+        mb = split_micro_batch(mb, cp, parallel_state.get_context_parallel_rank(), multiple_of=tp)
+    loss = micro_batch_loss_sum(model, mb)
+    loss.backward()
+    cp_group = parallel_state.get_context_parallel_group()
+    total = loss.detach().reshape(1).clone()
+    dist.all_reduce(total, group=cp_group)
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=cp_group)
+    grads = full_gradients(model)
+    return dict(loss=total.item(), grads=grads) if rank == 0 else None

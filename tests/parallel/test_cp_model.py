@@ -1,0 +1,41 @@
+"""The LUCID GPT with context parallelism (2 ranks) equals CP=1: loss and every gradient, with RoPE,
+GQA, packed documents whose lengths are not powers of two (padded per document for the zigzag split)."""
+
+import pytest
+
+from tests.distributed import run_on_ranks
+
+from .cp_workers import cp_model_rank
+
+DOCS = [37, 50, 13, 29]
+MIXED = dict(num_layers=2, lucid_layers=[2])  # a softmax and a LUCID layer; tiny has 4 heads, 2 KV heads
+
+
+@pytest.fixture(scope="module")
+def cp1():
+    return run_on_ranks(cp_model_rank, 1, "p2p", 1, MIXED, DOCS)[0]
+
+
+def _compare(got, want):
+    assert abs(got["loss"] - want["loss"]) / abs(want["loss"]) < 1e-6
+    for name, g in want["grads"].items():
+        err = ((got["grads"][name] - g).abs().max() / g.abs().max()).item()
+        assert err < 5e-5, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["a2a", "p2p"])
+def test_cp2_model_equals_cp1(cp1, mode):
+    _compare(run_on_ranks(cp_model_rank, 2, mode, 1, MIXED, DOCS)[0], cp1)
+
+
+def test_p2p_with_fewer_kv_heads_than_ranks(cp1):
+    """One KV head, CP=2: the sequence-pipelined mode does not need to split heads."""
+    one_kv = dict(MIXED, num_kv_heads=1)
+    want = run_on_ranks(cp_model_rank, 1, "p2p", 1, one_kv, DOCS)[0]
+    _compare(run_on_ranks(cp_model_rank, 2, "p2p", 1, one_kv, DOCS)[0], want)
+
+
+@pytest.mark.parametrize("mode", ["a2a", "p2p"])
+def test_cp2_tp2_model_equals_cp1(cp1, mode):
+    """4 processes: CP=2 x TP=2 with sequence parallelism (about 12 s each on 2 cores)."""
+    _compare(run_on_ranks(cp_model_rank, 4, mode, 2, MIXED, DOCS, timeout=900)[0], cp1)
