@@ -8,8 +8,6 @@ processes on this machine, forwarding SIGTERM/SIGUSR1 to the workers so they sav
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +21,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--run-dir", help="where the run writes everything (default: runs/<config name>)")
     parser.add_argument("--resume", help="'auto' (latest complete checkpoint in the run dir, if any) or a checkpoint path")
     parser.add_argument("--nproc-per-node", type=int, help="processes to start on this machine (default: launch.nproc_per_node)")
+
+
+def default_run_dir(config: str) -> Path:
+    return Path("runs") / Path(config).stem
 
 
 def _fail(message: str) -> int:
@@ -67,24 +69,6 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
         )
 
 
-def _forward_to_workers(proc: subprocess.Popen):
-    """Signal handler: hand preemption signals to torchrun's workers, which save and exit 0."""
-    import psutil
-
-    def handler(signum, frame):
-        try:
-            workers = psutil.Process(proc.pid).children()
-        except psutil.NoSuchProcess:
-            return
-        for worker in workers or [psutil.Process(proc.pid)]:
-            try:
-                worker.send_signal(signum)
-            except psutil.NoSuchProcess:
-                pass
-
-    return handler
-
-
 def run(args) -> int:
     from lucid_megatron.config.train import load_train_config
 
@@ -92,7 +76,7 @@ def run(args) -> int:
         cfg = load_train_config(args.config, args.overrides)
     except ConfigError as err:
         return _fail(f"invalid config: {err}")
-    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    run_dir = Path(args.run_dir or default_run_dir(args.config))
     under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     nproc = args.nproc_per_node or cfg.launch.nproc_per_node
     world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun else nproc
@@ -111,20 +95,6 @@ def run(args) -> int:
             print(f"lucid train: stopped: {err}", file=sys.stderr, flush=True)
             return 1
 
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "lucid_megatron", "train", args.config, "--run-dir", str(run_dir),
-    ]
-    for assignment in args.overrides:
-        command += ["--set", assignment]
-    if args.resume:
-        command += ["--resume", args.resume]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
-    proc = subprocess.Popen(command, env=env)
-    handler = _forward_to_workers(proc)
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        return proc.wait()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    from lucid_megatron.launch.local import run_torchrun, train_arguments
+
+    return run_torchrun(nproc, train_arguments(args.config, run_dir, args.overrides, args.resume))

@@ -5,6 +5,7 @@ Runs in every process of a torchrun (or single-process) job: ``python -m lucid_m
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import zlib
@@ -39,6 +40,18 @@ from .signals import PreemptionFlag
 
 class TrainingStopped(RuntimeError):
     """The run cannot continue (e.g. the loss stayed non-finite); the message says why."""
+
+
+def write_status(run_dir: Path, state: str, step: int) -> None:
+    """``RUN_DIR/status.json``: running | preempted | stopped | finished | failed (rank 0, atomic).
+
+    Job scripts read it to decide between exiting and requeueing (launch/slurm.sbatch).
+    """
+    if dist.get_rank() != 0:
+        return
+    tmp = run_dir / "status.json.tmp"
+    tmp.write_text(json.dumps({"state": state, "step": step, "time": time.time()}))
+    os.replace(tmp, run_dir / "status.json")
 
 
 def _say(text: str) -> None:
@@ -153,7 +166,9 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = Non
         start_step = state.get("step", 0)
         if start_step >= cfg.train.steps:
             _say(f"nothing to do: {resume_path} is at step {start_step} >= train.steps ({cfg.train.steps})")
+            write_status(run_dir, "finished", start_step)
             return 0
+        write_status(run_dir, "running", start_step)
         nonfinite_total = state.get("nonfinite_steps", 0)
         stream_states = dict(state.get("data", {}))
 
@@ -235,6 +250,7 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = Non
                     "skipped": result.skipped, "data_digest": int(digest.item()),
                 })
             if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                write_status(run_dir, "failed", step)
                 raise TrainingStopped(
                     f"the loss was non-finite for {consecutive_nonfinite} consecutive steps (up to step {step}); "
                     f"stopping. The last checkpoint is {checkpoints.latest()}. Lower optimizer.lr, keep "
@@ -247,6 +263,7 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = Non
             if step == cfg.train.stop_at_step:
                 path = last_saved[1] if last_saved and last_saved[0] == step else save(step)
                 _say(f"stopping at step {step} (train.stop_at_step): saved {path}; continue with --resume auto")
+                write_status(run_dir, "stopped", step)
                 metrics.close()
                 return 0
             if preemption.agreed():
@@ -255,12 +272,14 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = Non
                     f"received {preemption.received or 'a preemption signal'} at step {step}: saved {path}. "
                     f"Resume with: lucid train <config> --run-dir {run_dir} --resume auto"
                 )
+                write_status(run_dir, "preempted", step)
                 metrics.close()
                 return 0
 
         if not (cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0):
             validate(step)  # the final evaluation, unless the interval just ran it
         path = last_saved[1] if last_saved and last_saved[0] == step else save(step)
+        write_status(run_dir, "finished", step)
         metrics.close()
         _say(
             f"done: {cfg.train.steps} steps. Run directory {run_dir}: checkpoint {path}, metrics "

@@ -1,0 +1,1 @@
+"""Starting training jobs: torchrun on this machine, sbatch scripts for SLURM clusters."""

@@ -1,0 +1,190 @@
+"""`lucid launch slurm` against a real single-host SLURM cluster (munged + slurmctld + 2 slurmd)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
+from lucid_megatron.data.tokenizer import ByteTokenizer
+from tests.train.runs import run_train, train_records
+
+from .slurm_cluster import SlurmCluster, missing_requirements
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "configs" / "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory):
+    """The demo config, made small: its own little dataset, short rows, every step logged."""
+    data = tmp_path_factory.mktemp("data") / "synth"
+    write_synth_dataset(data, RetrievalTask(min_len=128, max_len=256, num_needles=2, num_queries=1),
+                        train_docs=400, valid_docs=16, docs_per_shard=50, seed=0, tokenizer=ByteTokenizer())
+    return [f"data.path={data}", "train.seq_length=256", "data.eval_rows=8", "logging.interval=1"]
+
+
+def _launch(cluster, run_dir, *args, overrides=()):
+    command = [sys.executable, "-m", "lucid_megatron", "launch", "slurm", *args, CONFIG, "--run-dir", str(run_dir)]
+    for assignment in overrides:
+        command += ["--set", assignment]
+    result = subprocess.run(command, capture_output=True, text=True, env=cluster.env, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "submitted job" in result.stdout and (run_dir / "slurm" / "job.sbatch").exists()
+    return result.stdout.split()[2].rstrip(":")
+
+
+def _direct(tmp_path, overrides, steps):
+    """The same config through torchrun directly (lucid train --nproc-per-node 2)."""
+    run_dir = tmp_path / "direct"
+    run_train(Path(CONFIG), run_dir, nproc=2, overrides=overrides + [f"train.steps={steps}"])
+    return train_records(run_dir)
+
+
+def _node_log(run_dir) -> str:
+    return "".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*-node*.log")))
+
+
+@pytest.mark.parametrize("nodes,nproc", [(1, 2), (2, 1)], ids=["1-node-2-procs", "2-nodes-1-proc-each"])
+def test_job_matches_direct_torchrun(cluster, overrides, tmp_path, nodes, nproc):
+    run_dir = tmp_path / "slurm-run"
+    job = _launch(cluster, run_dir, "--nodes", str(nodes), "--nproc-per-node", str(nproc),
+                  overrides=overrides + ["train.steps=4"])
+    assert cluster.wait(job) == "COMPLETED"
+    log = _node_log(run_dir)
+    assert "world 2 = DP 2 x CP 1 x TP 1" in log
+    got, want = train_records(run_dir), _direct(tmp_path, overrides, 4)
+    assert [got[s]["loss"] for s in range(1, 5)] == [want[s]["loss"] for s in range(1, 5)]
+    assert f"step 4/4 [########################]  loss {want[4]['loss']:.4f}" in log
+    if nodes == 2:
+        assert (run_dir / "slurm" / f"lucid-demo-{job}-node1.log").exists()  # per-node logs
+
+
+def test_warning_signal_checkpoints_requeues_and_resumes(cluster, overrides, tmp_path):
+    run_dir = tmp_path / "slurm-run"
+    steps = ["train.steps=12"]
+    job = _launch(cluster, run_dir, "--nodes", "1", "--nproc-per-node", "2", overrides=overrides + steps)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(train_records(run_dir), default=0) >= 3:
+            break
+        time.sleep(0.1)
+    # What SLURM does --signal-seconds before the time limit: SIGUSR1 to the job's steps.
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, env=cluster.env)
+    assert cluster.wait(job, timeout=900) == "COMPLETED"
+    batch_log = (run_dir / "slurm" / f"lucid-demo-{job}.out").read_text()
+    assert "requeueing job" in batch_log and "restart 1/3" in batch_log and "run finished" in batch_log
+    assert "received SIGUSR1" in _node_log(run_dir)
+    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=cluster.env).stdout
+    assert "Restarts=1" in show
+    got, want = train_records(run_dir), _direct(tmp_path, overrides, 12)
+    assert sorted(got) == list(range(1, 13))
+    assert got[12]["loss"] == want[12]["loss"]
+
+
+def test_scancel_leaves_no_process_behind(cluster, overrides, tmp_path):
+    run_dir = tmp_path / "slurm-run"
+    job = _launch(cluster, run_dir, "--nodes", "2", "--nproc-per-node", "1",
+                  overrides=overrides + ["train.steps=100000"])
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = subprocess.run([sys.executable, "-m", "lucid_megatron", "launch", "status", job],
+                            capture_output=True, text=True, env=cluster.env)
+    assert "RUNNING" in status.stdout
+    subprocess.run([sys.executable, "-m", "lucid_megatron", "launch", "cancel", job], check=True, env=cluster.env)
+    assert cluster.wait(job, timeout=120) == "CANCELLED"
+
+    def leftovers():
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if str(run_dir) in " ".join(proc.info["cmdline"] or []):
+                found.append(proc.info["pid"])
+        return found
+
+    deadline = time.monotonic() + 90  # SLURM's KillWait (30 s) before it escalates to SIGKILL
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert leftovers() == []
+
+
+def test_sweep_runs_a_job_array(cluster, overrides, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump([["model.lucid_layers=all"], ["model.lucid_layers=none"]]))
+    run_dir = tmp_path / "sweep-run"
+    job = _launch(cluster, run_dir, "--nodes", "1", "--nproc-per-node", "1", "--sweep", str(sweep),
+                  overrides=overrides + ["train.steps=2", "data.num_streams=4"])
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        out = subprocess.run(["squeue", "--states=all", "-h", "-j", job, "-o", "%i %T"], capture_output=True,
+                             text=True, env=cluster.env).stdout.split("\n")
+        states = [line.split()[1] for line in out if line.strip()]
+        if len(states) == 2 and all(s in ("COMPLETED", "FAILED", "CANCELLED") for s in states):
+            break
+        time.sleep(0.5)
+    assert states == ["COMPLETED", "COMPLETED"], out
+    patterns = [yaml.safe_load((run_dir / f"task-{i}" / "config.yaml").read_text())["model"]["lucid_layers"]
+                for i in (0, 1)]
+    assert patterns == ["all", "none"]
+    for i in (0, 1):
+        assert json.loads((run_dir / f"task-{i}" / "status.json").read_text())["state"] == "finished"
+
+
+def test_dry_run_renders_a_multi_node_gpu_job(tmp_path):
+    """No cluster needed: the script for 4 nodes x 8 GPUs says what it should."""
+    result = subprocess.run(
+        [sys.executable, "-m", "lucid_megatron", "launch", "slurm", "--nodes", "4", "--gpus-per-node", "8",
+         "--partition", "gpu", "--account", "proj", "--qos", "high", "--time", "02:00:00", "--signal-seconds", "300",
+         "--max-requeue", "5", str(REPO / "configs" / "1b-2k.yaml"), "--run-dir", str(tmp_path / "run"),
+         "--set", "checkpoint.interval=500", "--dry-run"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --qos=high",
+                 "#SBATCH --time=02:00:00", "#SBATCH --signal=USR1@300", "#SBATCH --requeue",
+                 "set -euo pipefail", "MAX_REQUEUE=5", "NPROC_PER_NODE=8",
+                 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                 "RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+                 '--rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID"',
+                 '--nnodes="$SLURM_NNODES" --nproc-per-node="$NPROC_PER_NODE"',
+                 "--resume auto", "OVERRIDES=(--set checkpoint.interval=500)",
+                 'scontrol requeue "$SLURM_JOB_ID"', "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+                 f"#SBATCH --output={tmp_path / 'run' / 'slurm'}/%x-%j.out"]:
+        assert line in script, line
+    syntax = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--nodes", "2", "--gpus-per-node", "8", "--nproc-per-node", "4"], "must equal --gpus-per-node (8)"),
+        (["--nodes", "1", "--nproc-per-node", "3"], "global_batch_size: 16 is not divisible by micro_batch_size x data_parallel (4 x 3)"),
+        (["--time", "two hours"], "--time 'two hours' is not a SLURM time"),
+    ],
+)
+def test_bad_launches_are_refused_before_submitting(tmp_path, args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "lucid_megatron", "launch", "slurm", *args, CONFIG, "--run-dir", str(tmp_path / "r"),
+         "--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr
