@@ -14,6 +14,7 @@ import warnings
 # name -> (module, one-line help).  Modules are imported only when their command runs.
 SUBCOMMANDS = {
     "train": ("lucid_megatron.train.cli", "train a LUCID model (DeepSpeed ZeRO over Megatron-Core)"),
+    "convert": ("lucid_megatron.convert.cli", "Megatron <-> Hugging Face conversion and logit-parity check"),
     "launch": ("lucid_megatron.launch.cli", "start training: torchrun on this machine, or a SLURM job"),
     "demo": ("lucid_megatron.demo", "check and time the LUCID operator on a small CPU problem"),
     "data": ("lucid_megatron.data.cli", "write token shards: synthetic retrieval data or prepared text"),

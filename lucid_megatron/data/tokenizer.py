@@ -38,6 +38,42 @@ class ByteTokenizer:
     def manifest_entry(self) -> dict:
         return _entry(self)
 
+    def to_hf(self):
+        """The same tokenizer as a transformers ``PreTrainedTokenizerFast`` (for exported models).
+
+        Byte-level pre-tokenisation without a regex split and a BPE model without merges give exactly one
+        token per UTF-8 byte, with the byte's value as its id; ``<bos>`` is prepended like in training data.
+        """
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {char: byte for byte, char in _byte_level_alphabet().items()}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        specials = ["<bos>", "<eos>", "<pad>"]
+        tok.add_special_tokens(specials)
+        assert [tok.token_to_id(t) for t in specials] == [self.bos_id, self.eos_id, self.pad_id]
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", self.bos_id)]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """byte -> the printable character byte-level BPE uses for it (visible bytes stand for themselves,
+    the others are shifted past 255), so every byte is one vocabulary entry."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+               *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    mapping, shifted = {}, 0
+    for byte in range(256):
+        if byte in visible:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer loaded from a local directory only (never the network)."""
@@ -69,6 +105,9 @@ class HFTokenizer:
 
     def manifest_entry(self) -> dict:
         return _entry(self)
+
+    def to_hf(self):
+        return self._tok
 
 
 def _entry(tokenizer) -> dict:

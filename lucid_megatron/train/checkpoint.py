@@ -6,7 +6,8 @@ Layout of ``RUN_DIR/checkpoints/``::
         model/          Megatron dist_checkpointing (torch_dist): weights, reshardable across TP/DP/CP
         deepspeed/      DeepSpeed's optimizer state (Adam moments; tied to the TP x DP x ZeRO layout)
         rng/rank_K.pt   each rank's RNG streams
-        state.json      step, data-stream positions, counters, the layout it was saved with
+        state.json      step, data-stream positions, counters, the layout it was saved with, tokenizer
+        model.yaml      the model architecture (what converters and evaluators need to rebuild it)
         COMPLETE        written last inside the directory
     latest              name of the newest complete checkpoint, replaced atomically after publishing
 
@@ -111,7 +112,8 @@ class Checkpointer:
 
     # ---- saving (collective: every rank calls it) ----------------------------------------------
 
-    def save(self, step: int, engine, state: dict) -> Path:
+    def save(self, step: int, engine, state: dict, files: dict[str, str] | None = None) -> Path:
+        """Write checkpoint ``step`` (collective). ``files``: extra text files, e.g. ``model.yaml``."""
         rank = dist.get_rank()
         final = self.step_dir(step)
         partial = final.with_name(final.name + ".partial")
@@ -128,6 +130,8 @@ class Checkpointer:
         torch.save(rng_state(), partial / "rng" / f"rank_{rank}.pt")
         if rank == 0:
             _atomic_write_text(partial / "state.json", json.dumps({"step": step, **state}, indent=1))
+            for name, text in (files or {}).items():
+                _atomic_write_text(partial / name, text)
         dist.barrier()
         if rank == 0:
             _atomic_write_text(partial / "COMPLETE", "")
@@ -169,3 +173,30 @@ class Checkpointer:
         )
         rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
         set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+def save_weights_checkpoint(path: str | Path, model: torch.nn.Module, state: dict, files: dict[str, str]) -> Path:
+    """A weights-only checkpoint directory (no optimizer state), e.g. from a Hugging Face import.
+
+    Same layout as a training checkpoint's step directory, written to ``PATH.partial`` and renamed when
+    complete; usable as ``checkpoint.init_from`` and by ``lucid convert``.  Collective.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    if dist.get_rank() == 0:
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; choose a new checkpoint directory")
+        if partial.exists():
+            shutil.rmtree(partial)
+        (partial / "model").mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(partial / "model"))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _atomic_write_text(partial / "state.json", json.dumps(state, indent=1))
+        for name, text in files.items():
+            _atomic_write_text(partial / name, text)
+        _atomic_write_text(partial / "COMPLETE", "")
+        os.replace(partial, path)
+    dist.barrier()
+    return path

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import psutil
 import torch
+import yaml
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from lucid_megatron.config.schema import to_dict
 from lucid_megatron.config.train import (
     RunLayout,
     TrainConfig,
@@ -158,7 +160,7 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = Non
         )
         layout_record = _layout_record(cfg, layout)
         if resume_path is not None:
-            saved = state["layout"]
+            saved = state.get("layout")
             Checkpointer.load_training_state(
                 resume_path, engine, same_layout=saved == layout_record,
                 layout_note=f"saved {saved}, now {layout_record}",
@@ -199,12 +201,16 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = Non
             f"{grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} x {cfg.train.seq_length} tokens per rank"
         )
 
+        model_yaml = yaml.safe_dump(to_dict(cfg.model), sort_keys=False)
+
         def save(step: int) -> Path:
-            return checkpoints.save(step, engine, {
+            state = {
                 "layout": layout_record,
                 "data": _gather_stream_states(stream_states),
                 "nonfinite_steps": nonfinite_total,
-            })
+                "tokenizer": manifest.tokenizer,
+            }
+            return checkpoints.save(step, engine, state, files={"model.yaml": model_yaml})
 
         def validate(step: int) -> None:
             if cfg.data.eval_rows == 0 or not manifest.splits.get("valid") or not manifest.splits["valid"].shards:

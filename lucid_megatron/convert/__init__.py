@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Megatron <-> Hugging Face (LUCID), Hugging Face Llama -> LUCID, parity checks."""

@@ -1,0 +1,148 @@
+"""Hugging Face model directories: config, safetensors weights (sharded with an index), tokenizer files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lucid_megatron.config import ConfigError, ModelConfig, from_dict
+from lucid_megatron.hf import AUTO_MAP, REMOTE_CODE_FILES, LucidConfig
+
+SUPPORTED_ARCHITECTURES = ("lucid", "llama")
+
+
+def hf_config_for(cfg: ModelConfig, tokenizer: dict) -> LucidConfig:
+    hf = LucidConfig(
+        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.kv_heads, head_dim=cfg.kv_channels, max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps, position_embedding=cfg.position_embedding, rope_theta=cfg.rotary_base,
+        lucid_layers=[i + 1 for i, lucid in enumerate(cfg.layer_is_lucid()) if lucid], lucid_eps=cfg.lucid_eps,
+        initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=tokenizer.get("bos_id"), eos_token_id=tokenizer.get("eos_id"),
+        pad_token_id=tokenizer.get("pad_id"),
+    )
+    hf.architectures = ["LucidForCausalLM"]
+    hf.auto_map = dict(AUTO_MAP)
+    # What the Megatron side needs back (vocabulary before padding, original layer pattern).
+    hf.lucid_megatron = {"vocab_size": cfg.vocab_size, "lucid_layers": cfg.lucid_layers,
+                         "make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by,
+                         "tokenizer_kind": tokenizer.get("kind")}
+    return hf
+
+
+def read_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: not a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def model_config_from_hf(config: dict, source: Path, *, from_llama: bool, lucid_layers=None) -> ModelConfig:
+    """The ModelConfig of a LUCID export, or of a Llama model whose attention becomes LUCID."""
+    kind = config.get("model_type")
+    if kind not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{source}/config.json: model_type {kind!r} is not supported; allowed: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)} (llama with --init-from-llama)")
+    if (kind == "llama") != from_llama:
+        raise ValueError(f"{source}/config.json: model_type {kind!r} " + (
+            "needs --init-from-llama" if kind == "llama" else "is not a Llama model; drop --init-from-llama"))
+    vocab = config["vocab_size"]
+    if kind == "lucid":
+        extra = config.get("lucid_megatron", {})
+        fields = dict(
+            vocab_size=extra.get("vocab_size", vocab),
+            make_vocab_size_divisible_by=extra.get("make_vocab_size_divisible_by", math.gcd(vocab, 128)),
+            lucid_layers=extra.get("lucid_layers", config["lucid_layers"]),
+            position_embedding=config.get("position_embedding", "rope"), lucid_eps=config.get("lucid_eps", 1e-6),
+            rotary_base=float(config.get("rope_theta", 10000.0)),
+        )
+    else:
+        for flag in ("attention_bias", "mlp_bias"):
+            if config.get(flag):
+                raise ValueError(f"{source}/config.json: {flag}=true is not supported (LUCID models have no biases)")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}/config.json: hidden_act={config['hidden_act']!r}; only 'silu' (SwiGLU)")
+        rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if rope_type != "default":
+            raise ValueError(f"{source}/config.json: RoPE scaling {rope_type!r} is not supported")
+        fields = dict(
+            vocab_size=vocab, make_vocab_size_divisible_by=math.gcd(vocab, 128),  # no padding rows
+            lucid_layers=lucid_layers if lucid_layers is not None else "all", position_embedding="rope",
+            rotary_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+        )
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim")
+    fields.update(
+        num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"], num_attention_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=None if head_dim in (None, config["hidden_size"] // heads) else head_dim,
+        ffn_hidden_size=config["intermediate_size"], max_seq_len=config.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)), norm_eps=config.get("rms_norm_eps", 1e-5),
+        init_std=config.get("initializer_range", 0.02),
+    )
+    try:
+        return from_dict(ModelConfig, fields, "model")
+    except ConfigError as err:
+        raise ValueError(f"{source}/config.json: {err}") from None
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards an index names; errors name the file."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (hf_dir / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+    weights = {}
+    for name in files:
+        path = hf_dir / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing (named by {index.name})")
+        try:
+            weights.update(load_file(str(path)))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+    return weights
+
+
+def write_hf_dir(out_dir: Path, weights: dict[str, torch.Tensor], config: LucidConfig, tokenizer,
+                 *, max_shard_size: str = "5GB") -> Path:
+    """Write the model directory atomically (``OUT.partial`` renamed at the end)."""
+    from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new output directory")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    save_torch_state_dict(weights, str(partial), max_shard_size=max_shard_size)
+    config.save_pretrained(str(partial))
+    for source in REMOTE_CODE_FILES:
+        shutil.copy(source, partial / source.name)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                     pad_token_id=config.pad_token_id).save_pretrained(str(partial))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(partial))
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(partial, out_dir)
+    return out_dir
