@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -10,10 +13,42 @@ from .blockwise import DEFAULT_BLOCK_COLS, DEFAULT_BLOCK_ROWS, blockwise_precond
 from .reference import reference_attention, reference_precondition
 
 
+@functools.cache
+def triton_import_error() -> str | None:
+    """None if the Triton kernels (package ``lucid_triton``) can be imported, else why not."""
+    try:
+        import lucid_triton  # noqa: F401
+    except ImportError as err:
+        return str(err)
+    return None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> the fastest exact backend available for ``device``."""
+    """``auto`` -> the fastest exact backend available for ``device`` (Triton on CUDA, else blockwise)."""
     checks.check_backend(backend)
-    return "blockwise" if backend == "auto" else backend
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_import_error() is None else "blockwise"
+    if backend == "triton":
+        if triton_import_error() is not None:
+            raise ValueError(
+                "backend='triton' needs Triton (pip install 'lucid-megatron[triton]'): "
+                f"{triton_import_error()}; use backend='blockwise'"
+            )
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' runs on CUDA devices (got {device.type}); on CPU only under TRITON_INTERPRET=1 "
+                "(slow, for tests); use backend='blockwise'"
+            )
+    return backend
+
+
+def _preconditioned_values(k, v, bounds, eps, backend, block_rows, block_cols):
+    """V' as [B, H, N, Dv] from the chosen memory-linear backend."""
+    if backend == "triton":
+        import lucid_triton
+
+        return lucid_triton.precondition_grouped(k, v, bounds, eps)
+    return blockwise_precondition_grouped(k, v, bounds, eps, block_rows=block_rows, block_cols=block_cols)
 
 
 def causal_softmax_attention(
@@ -35,8 +70,36 @@ def causal_softmax_attention(
     return out[..., :dv] if dv < d else out
 
 
+@functools.cache
+def _flash_attn():
+    """The flash-attn package's varlen entry point, if installed (GPU only)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _flash_attn_usable(q, vp) -> bool:
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == vp.shape[-1]
+            and _flash_attn() is not None)
+
+
 def _packed_causal_attention(q, k, vp, scale, cu_seqlens):
-    """Causal attention per packed document (no attention across documents)."""
+    """Causal attention per packed document (no attention across documents), ``[B, H, N, D]``.
+
+    On GPU with flash-attn installed, one varlen call covers every document (GQA native); otherwise
+    PyTorch SDPA (its flash backend on GPU), one call per document.
+    """
+    if _flash_attn_usable(q, vp):
+        b, h, n, d = q.shape
+        bounds = [0, n] if cu_seqlens is None else cu_seqlens
+        cu = torch.tensor([r * n + x for r in range(b) for x in bounds[:-1]] + [b * n], dtype=torch.int32,
+                          device=q.device)
+        flat = lambda x: x.transpose(1, 2).reshape(b * n, x.shape[1], x.shape[-1])  # noqa: E731
+        max_len = max(y - x for x, y in zip(bounds, bounds[1:]))
+        out = _flash_attn()(flat(q), flat(k), flat(vp), cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+        return out.reshape(b, n, h, -1).transpose(1, 2)
     if cu_seqlens is None:
         return causal_softmax_attention(q, k, vp, scale)
     parts = [
@@ -89,7 +152,7 @@ def lucid_precondition(
     bounds = checks.check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1])
     if backend == "reference":
         return reference_precondition(k, v, bounds, eps)
-    return blockwise_precondition_grouped(k, v, bounds, eps).transpose(1, 2)
+    return _preconditioned_values(k, v, bounds, eps, backend, DEFAULT_BLOCK_ROWS, DEFAULT_BLOCK_COLS).transpose(1, 2)
 
 
 def lucid_attention(
@@ -120,8 +183,6 @@ def lucid_attention(
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if backend == "reference":
         return reference_attention(q, k, v, bounds, eps, scale)
-    vp = blockwise_precondition_grouped(
-        k, v, bounds, eps, block_rows=block_rows, block_cols=block_cols
-    )
+    vp = _preconditioned_values(k, v, bounds, eps, backend, block_rows, block_cols)
     out = _packed_causal_attention(q.transpose(1, 2), k.transpose(1, 2), vp, scale, bounds)
     return out.transpose(1, 2).contiguous()

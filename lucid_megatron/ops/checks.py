@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
-BACKENDS = ("auto", "reference", "blockwise")
+BACKENDS = ("auto", "reference", "blockwise", "triton")
 
 # Input dtypes each backend accepts.  Half types are computed in float32 inside.
 BACKEND_DTYPES = {
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     "blockwise": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
 }
 
 

@@ -62,7 +62,7 @@ def test_unsupported_dtype():
 
 def test_unknown_backend_and_bad_scalars():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match=r"backend='flash' is not one of \('auto', 'reference', 'blockwise'\)"):
+    with pytest.raises(ValueError, match=r"backend='flash' is not one of \('auto', 'reference', 'blockwise', 'triton'\)"):
         lucid_attention(q, k, v, backend="flash")
     with pytest.raises(ValueError, match="eps must be a positive number, got 0"):
         lucid_attention(q, k, v, eps=0)
