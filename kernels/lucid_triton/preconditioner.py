@@ -38,6 +38,19 @@ def _publish(flag_ptr):
 
 
 @triton.jit
+def _load_block(PTR, g, stride_g, stride_n, row0, offs_m, offs_x, rows_ok, width, CACHE: tl.constexpr):
+    """A [BM, BX] tile of rows ``row0 + offs_m`` of head ``g``; rows not ok and columns >= width read 0."""
+    ptrs = PTR + g * stride_g + (row0 + offs_m)[:, None] * stride_n + offs_x[None, :]
+    return tl.load(ptrs, mask=rows_ok[:, None] & (offs_x[None, :] < width), other=0.0, cache_modifier=CACHE)
+
+
+@triton.jit
+def _store_block(PTR, g, stride_g, stride_n, row0, offs_m, offs_x, rows_ok, width, value):
+    ptrs = PTR + g * stride_g + (row0 + offs_m)[:, None] * stride_n + offs_x[None, :]
+    tl.store(ptrs, value, mask=rows_ok[:, None] & (offs_x[None, :] < width))
+
+
+@triton.jit
 def _kernel_block(rows_scaled, cols, inv_scale, PRECISION: tl.constexpr):
     """exp(s kn_r . kn_c - 1/s) for rows already multiplied by s: [BM, BM]."""
     return tl.exp(tl.dot(rows_scaled, tl.trans(cols), input_precision=PRECISION) - inv_scale)
@@ -61,20 +74,17 @@ def _forward_kernel(
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
     valid = offs_m < rows
-    kn_i = tl.load(KN + g * stride_kg + (row0 + offs_m)[:, None] * stride_kn + offs_d[None, :],
-                   mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    acc = tl.load(V + g * stride_vg + (row0 + offs_m)[:, None] * stride_vn + offs_v[None, :],
-                  mask=valid[:, None] & (offs_v[None, :] < DV), other=0.0).to(tl.float32)
+    full = offs_m < BM
+    kn_i = _load_block(KN, g, stride_kg, stride_kn, row0, offs_m, offs_d, valid, D, "")
+    acc = _load_block(V, g, stride_vg, stride_vn, row0, offs_m, offs_v, valid, DV, "").to(tl.float32)
     rows_scaled = kn_i * scale
 
     # Earlier blocks of the same document (all full), as soon as each is published.
     for j in range(first, blk):
         _wait(FLAGS + g * num_blocks + j)
         j0 = tl.load(TABLE + j * 4)
-        kn_j = tl.load(KN + g * stride_kg + (j0 + offs_m)[:, None] * stride_kn + offs_d[None, :],
-                       mask=offs_d[None, :] < D, other=0.0, cache_modifier=".cg")
-        vp_j = tl.load(VP + g * stride_pg + (j0 + offs_m)[:, None] * stride_pn + offs_v[None, :],
-                       mask=offs_v[None, :] < DV, other=0.0, cache_modifier=".cg")
+        kn_j = _load_block(KN, g, stride_kg, stride_kn, j0, offs_m, offs_d, full, D, ".cg")
+        vp_j = _load_block(VP, g, stride_pg, stride_pn, j0, offs_m, offs_v, full, DV, ".cg")
         w = _kernel_block(rows_scaled, kn_j, inv_scale, PRECISION)
         acc -= tl.dot(w, vp_j, input_precision=PRECISION)
 
@@ -86,8 +96,7 @@ def _forward_kernel(
         x_r = tl.sum(tl.where(offs_m[:, None] == r, acc, 0.0), axis=0)  # row r: final now
         col_r = tl.sum(tl.where(offs_m[None, :] == r, w, 0.0), axis=1)  # L[:, r] below the diagonal
         acc -= col_r[:, None] * x_r[None, :]
-    tl.store(VP + g * stride_pg + (row0 + offs_m)[:, None] * stride_pn + offs_v[None, :], acc,
-             mask=valid[:, None] & (offs_v[None, :] < DV))
+    _store_block(VP, g, stride_pg, stride_pn, row0, offs_m, offs_v, valid, DV, acc)
     _publish(FLAGS + g * num_blocks + blk)
 
 
@@ -110,14 +119,9 @@ def _backward_solve_kernel(
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
     valid = offs_m < rows
-    dmask = offs_d[None, :] < D
-    vmask = offs_v[None, :] < DV
-    kn_i = tl.load(KN + g * stride_kg + (row0 + offs_m)[:, None] * stride_kn + offs_d[None, :],
-                   mask=valid[:, None] & dmask, other=0.0)
-    vp_i = tl.load(VP + g * stride_pg + (row0 + offs_m)[:, None] * stride_pn + offs_v[None, :],
-                   mask=valid[:, None] & vmask, other=0.0)
-    acc = tl.load(GRAD + g * stride_gg + (row0 + offs_m)[:, None] * stride_gn + offs_v[None, :],
-                  mask=valid[:, None] & vmask, other=0.0).to(tl.float32)
+    kn_i = _load_block(KN, g, stride_kg, stride_kn, row0, offs_m, offs_d, valid, D, "")
+    vp_i = _load_block(VP, g, stride_pg, stride_pn, row0, offs_m, offs_v, valid, DV, "")
+    acc = _load_block(GRAD, g, stride_gg, stride_gn, row0, offs_m, offs_v, valid, DV, "").to(tl.float32)
     dkn = tl.zeros((BM, BD), dtype=tl.float32)
 
     for j in range(blk + 1, last + 1):
@@ -125,10 +129,8 @@ def _backward_solve_kernel(
         j0 = tl.load(TABLE + j * 4)
         jrows = tl.load(TABLE + j * 4 + 1)
         jvalid = offs_m < jrows
-        kn_j = tl.load(KN + g * stride_kg + (j0 + offs_m)[:, None] * stride_kn + offs_d[None, :],
-                       mask=jvalid[:, None] & dmask, other=0.0)
-        dv_j = tl.load(DV_OUT + g * stride_dg + (j0 + offs_m)[:, None] * stride_dn + offs_v[None, :],
-                       mask=jvalid[:, None] & vmask, other=0.0, cache_modifier=".cg")
+        kn_j = _load_block(KN, g, stride_kg, stride_kn, j0, offs_m, offs_d, jvalid, D, "")
+        dv_j = _load_block(DV_OUT, g, stride_dg, stride_dn, j0, offs_m, offs_v, jvalid, DV, ".cg")
         w_ji = _kernel_block(kn_j * scale, kn_i, inv_scale, PRECISION)  # L[j, i]: rows j, columns i
         w_ji = tl.where(jvalid[:, None] & valid[None, :], w_ji, 0.0)
         acc -= tl.dot(tl.trans(w_ji), dv_j, input_precision=PRECISION)
@@ -144,10 +146,8 @@ def _backward_solve_kernel(
         x_r = tl.sum(tl.where(offs_m[:, None] == r, acc, 0.0), axis=0)
         row_r = tl.sum(tl.where(offs_m[:, None] == r, w, 0.0), axis=0)  # L[r, c] for c < r
         acc -= row_r[:, None] * x_r[None, :]
-    tl.store(DV_OUT + g * stride_dg + (row0 + offs_m)[:, None] * stride_dn + offs_v[None, :], acc,
-             mask=valid[:, None] & vmask)
-    tl.store(DKN_COL + g * stride_cg + (row0 + offs_m)[:, None] * stride_cn + offs_d[None, :], dkn,
-             mask=valid[:, None] & dmask)
+    _store_block(DV_OUT, g, stride_dg, stride_dn, row0, offs_m, offs_v, valid, DV, acc)
+    _store_block(DKN_COL, g, stride_cg, stride_cn, row0, offs_m, offs_d, valid, D, dkn)
     _publish(FLAGS + g * num_blocks + blk)
 
 
@@ -170,23 +170,16 @@ def _backward_rows_kernel(
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
     valid = offs_m < rows
-    dmask = offs_d[None, :] < D
-    vmask = offs_v[None, :] < DV_DIM
-    kn_i = tl.load(KN + g * stride_kg + (row0 + offs_m)[:, None] * stride_kn + offs_d[None, :],
-                   mask=valid[:, None] & dmask, other=0.0)
-    vp_i = tl.load(VP + g * stride_pg + (row0 + offs_m)[:, None] * stride_pn + offs_v[None, :],
-                   mask=valid[:, None] & vmask, other=0.0)
-    dv_i = tl.load(DV + g * stride_dg + (row0 + offs_m)[:, None] * stride_dn + offs_v[None, :],
-                   mask=valid[:, None] & vmask, other=0.0)
-    dkn = tl.load(DKN_COL + g * stride_cg + (row0 + offs_m)[:, None] * stride_cn + offs_d[None, :],
-                  mask=valid[:, None] & dmask, other=0.0)
+    full = offs_m < BM
+    kn_i = _load_block(KN, g, stride_kg, stride_kn, row0, offs_m, offs_d, valid, D, "")
+    vp_i = _load_block(VP, g, stride_pg, stride_pn, row0, offs_m, offs_v, valid, DV_DIM, "")
+    dv_i = _load_block(DV, g, stride_dg, stride_dn, row0, offs_m, offs_v, valid, DV_DIM, "")
+    dkn = _load_block(DKN_COL, g, stride_cg, stride_cn, row0, offs_m, offs_d, valid, D, "")
     rows_scaled = kn_i * scale
     for j in range(first, blk):  # earlier, full blocks of the document
         j0 = tl.load(TABLE + j * 4)
-        kn_j = tl.load(KN + g * stride_kg + (j0 + offs_m)[:, None] * stride_kn + offs_d[None, :],
-                       mask=dmask, other=0.0)
-        vp_j = tl.load(VP + g * stride_pg + (j0 + offs_m)[:, None] * stride_pn + offs_v[None, :],
-                       mask=vmask, other=0.0)
+        kn_j = _load_block(KN, g, stride_kg, stride_kn, j0, offs_m, offs_d, full, D, "")
+        vp_j = _load_block(VP, g, stride_pg, stride_pn, j0, offs_m, offs_v, full, DV_DIM, "")
         w = _kernel_block(rows_scaled, kn_j, inv_scale, PRECISION)
         neg_ds = tl.dot(dv_i, tl.trans(vp_j), input_precision=PRECISION) * w  # -dS[i, j]
         dkn -= scale * tl.dot(neg_ds, kn_j, input_precision=PRECISION)
@@ -195,8 +188,7 @@ def _backward_rows_kernel(
     neg_ds = tl.where(lower, tl.dot(dv_i, tl.trans(vp_i), input_precision=PRECISION) * w, 0.0)
     dkn -= scale * (tl.dot(neg_ds, kn_i, input_precision=PRECISION)
                     + tl.dot(tl.trans(neg_ds), kn_i, input_precision=PRECISION))
-    tl.store(DKN + g * stride_og + (row0 + offs_m)[:, None] * stride_on + offs_d[None, :], dkn,
-             mask=valid[:, None] & dmask)
+    _store_block(DKN, g, stride_og, stride_on, row0, offs_m, offs_d, valid, D, dkn)
 
 
 # ---- host side ------------------------------------------------------------------------------------------
