@@ -15,6 +15,8 @@ import warnings
 SUBCOMMANDS = {
     "train": ("lucid_megatron.train.cli", "train a LUCID model (DeepSpeed ZeRO over Megatron-Core)"),
     "convert": ("lucid_megatron.convert.cli", "Megatron <-> Hugging Face conversion and logit-parity check"),
+    "eval": ("lucid_megatron.eval.cli", "long-context evaluation: needle retrieval, loss by position"),
+    "experiment": ("lucid_megatron.experiment.cli", "LUCID vs softmax reproduction and the attention-sink toy"),
     "launch": ("lucid_megatron.launch.cli", "start training: torchrun on this machine, or a SLURM job"),
     "demo": ("lucid_megatron.demo", "check and time the LUCID operator on a small CPU problem"),
     "data": ("lucid_megatron.data.cli", "write token shards: synthetic retrieval data or prepared text"),
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
     args = build_parser().parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch themselves
     result = importlib.import_module(args._module).run(args)
     return int(result or 0)
 

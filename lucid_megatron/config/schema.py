@@ -43,6 +43,9 @@ def _convert(tp, value, path: str):
             raise ConfigError(f"{path}: {value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
         return value
     if origin in (Union, types.UnionType):
+        options = [o for o in typing.get_args(tp) if o is not type(None)]
+        if value is not None and len(options) == 1:  # Optional[X]: X's own error says what is wrong
+            return _convert(options[0], value, path)
         errors = []
         for option in typing.get_args(tp):
             try:
@@ -75,6 +78,11 @@ def _convert(tp, value, path: str):
             raise ConfigError(f"{path}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected float, got {value!r}")
         return float(value)

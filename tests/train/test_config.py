@@ -45,6 +45,11 @@ def test_paper_recipe():
     assert long.checkpoint.init_from
 
 
+def test_exponent_floats_without_a_dot_are_floats():
+    # YAML 1.1 reads "3e-3" as a string; a float field takes it as the number it spells.
+    assert load_train_config(CONFIG_DIR / "demo.yaml", ["optimizer.lr=3e-3"]).optimizer.lr == 0.003
+
+
 def test_softmax_baseline_is_one_override_away():
     cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["model.lucid_layers=none"])
     assert cfg.model.layer_is_lucid() == [False] * cfg.model.num_layers
@@ -66,6 +71,7 @@ def test_softmax_baseline_is_one_override_away():
         ("bogus.key=1", r"bogus: unknown key; allowed: model, train, data"),
         ("train.seq_length=100000", r"train.seq_length: 100000 exceeds model.max_seq_len"),
         ("steps=3", r"--set expects section.key=value, got 'steps=3'"),
+        ("data.synth.task.min_len=40", r"data.synth.task: RetrievalTask.min_len=40 cannot hold 4 needles"),
     ],
 )
 def test_bad_values_are_named(override, match):

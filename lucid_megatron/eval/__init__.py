@@ -1,0 +1,1 @@
+"""Long-context evaluation: needle-in-a-haystack retrieval and loss by position."""

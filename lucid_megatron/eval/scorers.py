@@ -1,0 +1,147 @@
+"""Next-token predictions and per-token losses from a Megatron checkpoint or a Hugging Face directory.
+
+Documents are scored independently (packed as THD documents for Megatron, equal-length rows for Hugging
+Face), so results do not depend on how they are batched.  A Megatron checkpoint can be evaluated at any
+tensor/context-parallel layout (the format reshards): every rank runs the same calls, predictions are gathered
+over the vocabulary (TP) and the sequence (CP), and every rank gets the full result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _pack(docs: list[np.ndarray]):
+    """Documents -> one packed THD micro-batch (labels/weights for the loss of each next token)."""
+    from lucid_megatron.data.loader import MicroBatch
+
+    tokens = torch.from_numpy(np.concatenate(docs).astype(np.int64))[None]
+    labels = torch.cat([torch.from_numpy(np.append(d[1:], 0).astype(np.int64)) for d in docs])[None]
+    weights = torch.cat([torch.cat([torch.ones(len(d) - 1), torch.zeros(1)]) for d in docs])[None]
+    bounds = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+    return MicroBatch(tokens=tokens, labels=labels, loss_weight=weights,
+                      position_ids=torch.cat([torch.arange(len(d)) for d in docs])[None],
+                      cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_seqlen=max(len(d) for d in docs),
+                      num_rows=len(docs), stream_states={})
+
+
+class MegatronScorer:
+    """A checkpoint at tensor-parallel size ``tp`` and context-parallel size ``cp`` (world = tp x cp)."""
+
+    def __init__(self, checkpoint: str | Path, *, tp: int = 1, cp: int = 1, cp_comm_type: str = "p2p"):
+        from megatron.core import parallel_state
+
+        from lucid_megatron.config import ParallelConfig
+        from lucid_megatron.convert.megatron_io import read_model_config, resolve_checkpoint
+        from lucid_megatron.model.gpt import build_gpt_model
+        from lucid_megatron.parallel.state import initialize_parallel
+        from lucid_megatron.train.checkpoint import Checkpointer
+
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        self.cfg = read_model_config(self.checkpoint)
+        self.owns_parallel_state = not dist.is_initialized()
+        if self.owns_parallel_state:
+            initialize_parallel(tp, cp)
+        self.tp, self.cp = tp, cp
+        if dist.get_world_size() != tp * cp:
+            raise ValueError(f"evaluation runs on tp x cp = {tp * cp} processes, got a world of {dist.get_world_size()}")
+        self.parallel_state = parallel_state
+        self.model = build_gpt_model(self.cfg, ParallelConfig(tensor_parallel_size=tp, context_parallel_size=cp,
+                                                              cp_comm_type=cp_comm_type), initialize=False)
+        Checkpointer.load_weights(self.checkpoint, self.model)
+        self.model.eval()
+
+    def _local(self, batch):
+        """This rank's share of ``batch`` and, per local token, its index in the unpadded batch (-1: padding)."""
+        from lucid_megatron.parallel.context import ZigzagLayout, split_micro_batch
+
+        if self.cp == 1:
+            return batch, torch.arange(batch.tokens.shape[1])
+        rank = self.parallel_state.get_context_parallel_rank()
+        local = split_micro_batch(batch, self.cp, rank)
+        padded = local.cu_seqlens.tolist()
+        bounds = batch.cu_seqlens.tolist()
+        layout = ZigzagLayout(tuple(b - a for a, b in zip(padded, padded[1:])), self.cp, rank)
+        original = []
+        for i, (pa, pb) in enumerate(zip(padded, padded[1:])):
+            a, b = (bounds[i], bounds[i + 1]) if i + 1 < len(bounds) else (0, 0)  # documents are padded at the end
+            original.append(torch.cat([torch.arange(a, b), torch.full((pb - pa - (b - a),), -1)]))
+        return local, torch.cat(original)[layout.local_positions]
+
+    def _gather(self, values: torch.Tensor, positions: torch.Tensor, total: int, fill) -> torch.Tensor:
+        """Local values at original positions (-1: padding) -> the full sequence on every rank."""
+        if self.cp == 1:
+            return values
+        group = self.parallel_state.get_context_parallel_group()
+        parts_v = [torch.empty_like(values) for _ in range(self.cp)]
+        parts_p = [torch.empty_like(positions) for _ in range(self.cp)]
+        dist.all_gather(parts_v, values.contiguous(), group=group)
+        dist.all_gather(parts_p, positions.contiguous(), group=group)
+        out = torch.full((total,), fill, dtype=values.dtype)
+        for v, p in zip(parts_v, parts_p):
+            keep = p >= 0
+            out[p[keep]] = v[keep]
+        return out
+
+    @torch.no_grad()
+    def predictions(self, docs: list[np.ndarray]) -> list[np.ndarray]:
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        from lucid_megatron.train.engine import packed_seq_params
+
+        batch = _pack(docs)
+        local, positions = self._local(batch)
+        logits = self.model(local.tokens, local.position_ids, None, packed_seq_params=packed_seq_params(local))
+        logits = gather_from_tensor_model_parallel_region(logits)[0, :, : self.cfg.vocab_size]
+        full = self._gather(logits.argmax(-1), positions, batch.tokens.shape[1], -1).numpy()
+        bounds = batch.cu_seqlens.tolist()
+        return [full[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    @torch.no_grad()
+    def token_losses(self, batch):
+        """(loss, weight, position in document) of every token of a packed micro-batch, full sequence."""
+        from lucid_megatron.train.engine import packed_seq_params
+
+        local, positions = self._local(batch)
+        loss = self.model(local.tokens, local.position_ids, None, labels=local.labels,
+                          packed_seq_params=packed_seq_params(local))[0].float()
+        total = batch.tokens.shape[1]
+        return (self._gather(loss, positions, total, 0.0), batch.loss_weight[0],
+                batch.position_ids[0])
+
+    def close(self) -> None:
+        if self.owns_parallel_state:
+            from lucid_megatron.parallel.state import destroy_parallel
+
+            destroy_parallel()
+
+
+class HFScorer:
+    """A Hugging Face model directory (loaded with trust_remote_code), one process."""
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True,
+                                                          dtype=torch.float32).eval()
+        self.vocab_size = self.model.config.vocab_size
+
+    @torch.no_grad()
+    def predictions(self, docs: list[np.ndarray]) -> list[np.ndarray]:
+        by_length: dict[int, list[int]] = {}
+        for i, d in enumerate(docs):
+            by_length.setdefault(len(d), []).append(i)
+        result: dict[int, np.ndarray] = {}
+        for length, indices in by_length.items():  # equal lengths: no padding needed
+            ids = torch.from_numpy(np.stack([docs[i] for i in indices]).astype(np.int64))
+            pred = self.model(ids, use_cache=False).logits.argmax(-1).numpy()
+            for row, i in enumerate(indices):
+                result[i] = pred[row]
+        return [result[i] for i in range(len(docs))]
+
+    def close(self) -> None:
+        pass

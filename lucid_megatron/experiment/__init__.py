@@ -1,0 +1,1 @@
+"""Experiments: the LUCID vs softmax reproduction and the mechanistic toy."""

@@ -1,0 +1,235 @@
+"""The LUCID vs softmax reproduction: train every condition x seed with ``lucid train``, score each with
+``lucid eval niah``, and aggregate mean and spread over seeds into a table and plots.
+
+An experiment file names a base training config, the seeds, the evaluation, and the conditions as
+``--set`` overrides of the base (so every condition is one plain ``lucid train`` command, printed in the
+run's ``command.txt``).  Runs are resumable: a finished run (its ``niah.json`` exists) is not redone, an
+interrupted one continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from lucid_megatron.data.files import atomic_write_text
+
+
+@dataclasses.dataclass
+class Experiment:
+    base: Path  # the shared training config
+    seeds: list[int]
+    conditions: dict[str, list[str]]  # name -> "section.key=value" overrides of the base
+    eval: dict  # `lucid eval niah` options: lengths, needles, queries, key_len, ... num_samples, seed
+    plots: dict[str, list[str]]  # plot name -> conditions drawn on it
+    nproc_per_node: int = 1  # processes per training run (GPUs on a node; 1 on a CPU machine)
+
+    def command(self, condition: str, seed: int, run_dir: Path, extra: list[str]) -> list[str]:
+        command = [sys.executable, "-m", "lucid_megatron", "train", str(self.base), "--run-dir", str(run_dir),
+                   "--nproc-per-node", str(self.nproc_per_node), "--resume", "auto"]
+        for assignment in [*self.conditions[condition], f"train.seed={seed}", *extra]:
+            command += ["--set", assignment]
+        return command
+
+    def eval_command(self, run_dir: Path) -> list[str]:
+        e = self.eval
+        command = [sys.executable, "-m", "lucid_megatron", "eval", "niah", "--checkpoint",
+                   str(run_dir / "checkpoints"), "--out", str(run_dir / "niah.json"),
+                   "--lengths", *[str(n) for n in e["lengths"]]]
+        for key in ("needles", "queries", "key_len", "value_len", "filler_words", "num_samples", "seed",
+                    "batch_size"):
+            if key in e:
+                command += [f"--{key.replace('_', '-')}", str(e[key])]
+        return command
+
+
+_EVAL_KEYS = {"lengths", "needles", "queries", "key_len", "value_len", "filler_words", "num_samples", "seed",
+              "batch_size"}
+
+
+def _overrides(name: str, mapping) -> list[str]:
+    if mapping is None:
+        return []
+    if not isinstance(mapping, dict):
+        raise ValueError(f"conditions.{name}: expected a mapping of section.key: value, got {mapping!r}")
+    return [f"{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in mapping.items()]
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"experiment file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    allowed = {"base", "seeds", "conditions", "eval", "plots", "nproc_per_node"}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    nproc = data.get("nproc_per_node", 1)
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"{path}: nproc_per_node={nproc!r} must be an integer >= 1")
+    for key in ("base", "seeds", "conditions", "eval"):
+        if key not in data:
+            raise ValueError(f"{path}: missing {key!r}")
+    base = (path.parent / data["base"]).resolve()
+    if not base.exists():
+        raise FileNotFoundError(f"{path}: base config {str(base)!r} does not exist")
+    seeds = data["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ValueError(f"{path}: seeds={seeds!r} must be a non-empty list of integers >= 0")
+    if not isinstance(data["conditions"], dict) or not data["conditions"]:
+        raise ValueError(f"{path}: conditions must be a non-empty mapping of name -> overrides")
+    conditions = {str(name): _overrides(name, sets) for name, sets in data["conditions"].items()}
+    bad_eval = set(data["eval"]) - _EVAL_KEYS
+    if bad_eval or "lengths" not in data["eval"]:
+        raise ValueError(f"{path}: eval needs 'lengths' and takes only {sorted(_EVAL_KEYS)}; got {sorted(data['eval'])}")
+    plots = data.get("plots") or {"all": list(conditions)}
+    for name, members in plots.items():
+        missing = [m for m in members if m not in conditions]
+        if missing:
+            raise ValueError(f"{path}: plots.{name} names unknown conditions {missing}; known: {sorted(conditions)}")
+    return Experiment(base=base, seeds=list(seeds), conditions=conditions, eval=dict(data["eval"]), plots=plots,
+                      nproc_per_node=nproc)
+
+
+def _run_one(exp: Experiment, condition: str, seed: int, out: Path, extra: list[str], threads: int) -> dict:
+    """Train and evaluate one (condition, seed) unless already done; returns its niah results."""
+    run_dir = out / "runs" / condition / f"seed{seed}"
+    result_file = run_dir / "niah.json"
+    if not result_file.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        train, evaluate = exp.command(condition, seed, run_dir, extra), exp.eval_command(run_dir)
+        atomic_write_text(run_dir / "command.txt", " ".join(train[2:]) + "\n" + " ".join(evaluate[2:]) + "\n")
+        with open(run_dir / "log.txt", "a") as log:
+            for command in (train, evaluate):
+                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+                if code != 0:
+                    raise RuntimeError(f"{condition} seed {seed}: `{' '.join(command[2:])}` exited {code}; "
+                                       f"see {run_dir / 'log.txt'}")
+        print(f"experiment: {condition} seed {seed} done", flush=True)
+    results = json.loads(result_file.read_text())
+    by_length = next(iter(results["models"].values()))
+    train_loss = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    losses = [r["loss"] for r in train_loss if "loss" in r]
+    valid = [r["valid_loss"] for r in train_loss if "valid_loss" in r]
+    return {"exact_match": {int(n): r["exact_match"] for n, r in by_length.items()},
+            "final_train_loss": losses[-1] if losses else None, "final_valid_loss": valid[-1] if valid else None}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def aggregate(per_run: dict[str, dict[int, dict]], lengths: list[int]) -> dict:
+    """condition -> {length: {mean, std, seeds}} of exact match, plus the mean final validation loss."""
+    summary = {}
+    for condition, by_seed in per_run.items():
+        row = {}
+        for n in lengths:
+            mean, std = _mean_std([r["exact_match"][n] for r in by_seed.values()])
+            row[n] = {"mean": mean, "std": std, "per_seed": [by_seed[s]["exact_match"][n] for s in sorted(by_seed)]}
+        valid = [r["final_valid_loss"] for r in by_seed.values() if r["final_valid_loss"] is not None]
+        summary[condition] = {"exact_match": row, "valid_loss": _mean_std(valid)[0] if valid else None,
+                              "seeds": sorted(by_seed)}
+    return summary
+
+
+def markdown_table(summary: dict, lengths: list[int], train_lengths: tuple[int, int]) -> str:
+    """Exact match (mean ± std over seeds, in %) per condition and evaluation length."""
+    lo, hi = train_lengths
+    head = ["condition", *[f"{n}{'*' if lo <= n <= hi else ''}" for n in lengths], "valid loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for condition, s in summary.items():
+        cells = [f"{100 * s['exact_match'][n]['mean']:.1f} ± {100 * s['exact_match'][n]['std']:.1f}" for n in lengths]
+        loss = f"{s['valid_loss']:.3f}" if s["valid_loss"] is not None else "-"
+        lines.append("| " + " | ".join([condition, *cells, loss]) + " |")
+    lines.append(f"\nExact match in %, mean ± sample std over seeds {next(iter(summary.values()))['seeds']}; "
+                 f"* = inside the training length range [{lo}, {hi}].")
+    return "\n".join(lines) + "\n"
+
+
+def plot_group(summary: dict, members: list[str], lengths: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for condition in members:
+        row = summary[condition]["exact_match"]
+        ax.errorbar(lengths, [row[n]["mean"] for n in lengths], yerr=[row[n]["std"] for n in lengths],
+                    marker="o", capsize=3, label=condition, linestyle="--" if "softmax" in condition else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("exact match (mean ± std over seeds)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_experiment(exp: Experiment, out: Path, *, jobs: int = 2, only: list[str] | None = None,
+                   seeds: list[int] | None = None, extra: list[str] | None = None,
+                   eval_overrides: dict | None = None) -> dict:
+    """Run (or finish) every selected condition x seed, then write results.json, table.md and the plots."""
+    from lucid_megatron.config.train import load_train_config
+    from lucid_megatron.data.synth import write_synth_dataset
+    from lucid_megatron.data.tokenizer import ByteTokenizer
+
+    unknown = [c for c in only or [] if c not in exp.conditions]
+    if unknown:
+        raise ValueError(f"--only: unknown conditions {unknown}; known: {sorted(exp.conditions)}")
+    if jobs < 1:
+        raise ValueError(f"--jobs={jobs}: must be >= 1")
+    conditions = only or list(exp.conditions)
+    seeds = seeds or exp.seeds
+    extra = list(extra or [])
+    exp = dataclasses.replace(exp, eval={**exp.eval, **(eval_overrides or {})})
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Every condition reads the same dataset: write it once here, before runs start in parallel.
+    cfg = load_train_config(exp.base, extra)
+    if not (Path(cfg.data.path) / "manifest.json").exists() and cfg.data.synth is not None:
+        s = cfg.data.synth
+        print(f"experiment: writing the dataset to {cfg.data.path}", flush=True)
+        write_synth_dataset(cfg.data.path, s.task, train_docs=s.train_docs, valid_docs=s.valid_docs,
+                            docs_per_shard=s.docs_per_shard, seed=s.seed, tokenizer=ByteTokenizer())
+    threads = max(1, (os.cpu_count() or 1) // (jobs * exp.nproc_per_node))
+    work = [(c, s) for c in conditions for s in seeds]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {key: pool.submit(_run_one, exp, *key, out, extra, threads) for key in work}
+        per_run: dict[str, dict[int, dict]] = {}
+        for (condition, seed), future in futures.items():
+            per_run.setdefault(condition, {})[seed] = future.result()
+
+    lengths = sorted(int(n) for n in exp.eval["lengths"])
+    summary = aggregate(per_run, lengths)
+    task = cfg.data.synth.task if cfg.data.synth else None
+    train_lengths = (task.min_len, task.max_len) if task else (cfg.train.seq_length, cfg.train.seq_length)
+    atomic_write_text(out / "results.json", json.dumps(
+        {"experiment": {"base": str(exp.base), "seeds": seeds, "conditions": {c: exp.conditions[c] for c in conditions},
+                        "eval": exp.eval, "extra_overrides": extra, "train_lengths": train_lengths},
+         "summary": {c: {**s, "exact_match": {str(n): v for n, v in s["exact_match"].items()}}
+                     for c, s in summary.items()}}, indent=1))
+    table = markdown_table(summary, lengths, train_lengths)
+    atomic_write_text(out / "table.md", table)
+    for name, members in exp.plots.items():
+        drawn = [m for m in members if m in summary]
+        if drawn:
+            plot_group(summary, drawn, lengths, out / f"{name}.png", f"needle retrieval: {name}")
+    print(table, flush=True)
+    return summary

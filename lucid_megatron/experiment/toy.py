@@ -1,0 +1,121 @@
+"""The authors' mechanistic toy: can one attention layer unlearn an attention sink?
+
+One attention layer (vocabulary 10, width 256, one head, no position encoding, a linear MSE head) reads a
+random permutation of the 10 tokens.  Phase 1 trains the identity target (position i -> one-hot of token
+i); phase 2, continuing from phase 1's weights, trains the cumulative average (position i -> mean of the
+one-hots of tokens 0..i).  The paper reports that softmax attention stays stuck near loss 1.2 in phase 2
+while LUCID recovers to ~0.  Both attentions here are this package's operators (``softmax_attention`` and
+``lucid_attention``), on identical weights, data and optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lucid_megatron.ops import lucid_attention, softmax_attention
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    vocab: int = 10
+    width: int = 256
+    phase_steps: int = 1500  # optimizer steps per phase
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+
+class OneLayerAttention(torch.nn.Module):
+    """Embedding -> residual + one causal attention head (no position encoding) -> linear head to ``vocab``."""
+
+    def __init__(self, cfg: ToyConfig, attention: str):
+        super().__init__()
+        if attention not in ("softmax", "lucid"):
+            raise ValueError(f"attention={attention!r}; allowed: 'softmax', 'lucid'")
+        self.attention = attention
+        self.embed = torch.nn.Embedding(cfg.vocab, cfg.width)
+        self.qkv = torch.nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.head = torch.nn.Linear(cfg.width, cfg.vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        q, k, v = (t.unsqueeze(2) for t in self.qkv(x).chunk(3, dim=-1))  # [B, N, 1 head, width]
+        attend = lucid_attention if self.attention == "lucid" else softmax_attention
+        return self.head(x + attend(q, k, v).squeeze(2))  # a residual stream, as in a transformer layer
+
+
+def targets(tokens: torch.Tensor, phase: str, vocab: int) -> torch.Tensor:
+    """Phase 'identity': one-hot of each token; phase 'cumavg': running mean of the one-hots so far."""
+    one_hot = torch.nn.functional.one_hot(tokens, vocab).float()
+    if phase == "identity":
+        return one_hot
+    if phase == "cumavg":
+        steps = torch.arange(1, tokens.shape[1] + 1, dtype=torch.float32)[None, :, None]
+        return one_hot.cumsum(1) / steps
+    raise ValueError(f"phase={phase!r}; allowed: 'identity', 'cumavg'")
+
+
+def batch(generator: torch.Generator, cfg: ToyConfig) -> torch.Tensor:
+    """``batch_size`` random permutations of the vocabulary."""
+    return torch.argsort(torch.rand(cfg.batch_size, cfg.vocab, generator=generator), dim=1)
+
+
+def loss_fn(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over the output dimension, averaged over positions and batch."""
+    return ((prediction - target) ** 2).sum(-1).mean()
+
+
+def train_toy(cfg: ToyConfig, attention: str, log_every: int = 10) -> dict:
+    """Phase 1 then phase 2 with one Adam optimizer state carried over; returns the loss curves."""
+    torch.manual_seed(cfg.seed)
+    model = OneLayerAttention(cfg, attention)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    curves = {}
+    for phase in ("identity", "cumavg"):
+        curve = []
+        for step in range(cfg.phase_steps):
+            tokens = batch(generator, cfg)
+            loss = loss_fn(model(tokens), targets(tokens, phase, cfg.vocab))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % log_every == 0 or step == cfg.phase_steps - 1:
+                curve.append((step, loss.item()))
+        curves[phase] = curve
+    return curves
+
+
+def final_loss(curve: list[tuple[int, float]], tail: int = 5) -> float:
+    """Mean of the last ``tail`` logged losses (less noisy than the very last one)."""
+    values = [loss for _, loss in curve[-tail:]]
+    return sum(values) / len(values)
+
+
+def plot(results: dict, path, title: str) -> None:
+    """Both phases side by side: one line per attention (and seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
+    colors = {"softmax": "tab:blue", "lucid": "tab:red"}
+    for (attention, seed), curves in results.items():
+        for ax, phase in zip(axes, ("identity", "cumavg")):
+            steps, losses = zip(*curves[phase])
+            ax.plot(steps, losses, color=colors[attention], alpha=0.8,
+                    label=attention if seed == min(s for a, s in results if a == attention) else None)
+    for ax, phase in zip(axes, ("phase 1: identity", "phase 2: cumulative average")):
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(phase)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("MSE loss")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""`lucid eval niah | ppl` on real checkpoints: the evaluator can tell a trained model from an untrained one,
+and its numbers do not depend on the batch size or the tensor/context-parallel layout."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
+from lucid_megatron.data.tokenizer import ByteTokenizer
+from tests.train.runs import run_train, train_env, write_config
+
+# An easy needle task the tiny model learns in about 100 CPU steps: one key -> digit pair to copy.
+TASK = RetrievalTask(min_len=32, max_len=56, num_needles=1, num_queries=1, key_len=1, value_len=1, filler_words=4)
+NIAH_TASK = ["--needles", "1", "--queries", "1", "--key-len", "1", "--value-len", "1", "--filler-words", "4"]
+CHANCE = 0.1  # one digit out of ten
+TRAIN = ["train.steps=150", "train.seq_length=64", "train.global_batch_size=16", "train.micro_batch_size=16",
+         "data.loss_tokens=answer", "optimizer.lr=3e-3", "schedule.warmup_fraction=0.05", "logging.interval=50"]
+
+
+def lucid(*args, timeout=600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "lucid_megatron", *map(str, args)], capture_output=True,
+                            text=True, timeout=timeout, env=train_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(dataset, untrained checkpoint, trained checkpoint) of the tiny model on the easy needle task."""
+    root = tmp_path_factory.mktemp("eval")
+    dataset = root / "needles"
+    write_synth_dataset(dataset, TASK, train_docs=4000, valid_docs=64, docs_per_shard=500, seed=0,
+                        tokenizer=ByteTokenizer())
+    config = write_config(root, dataset)
+    # One step at a negligible learning rate: the checkpoint holds the initial weights.
+    run_train(config, root / "untrained", overrides=["train.steps=1", "optimizer.lr=1e-12"])
+    run_train(config, root / "trained", overrides=TRAIN, timeout=900)
+    return dataset, root / "untrained" / "checkpoints", root / "trained" / "checkpoints"
+
+
+def _niah(tmp_path, name, checkpoints, *extra, lengths=(40, 56), samples=80):
+    out = tmp_path / f"{name}.json"
+    args = ["eval", "niah", *sum((["--checkpoint", c] for c in checkpoints), []), "--lengths", *lengths,
+            *NIAH_TASK, "--num-samples", samples, "--seed", 7, "--out", out, *extra]
+    lucid(*args)
+    return json.loads(out.read_text())
+
+
+def test_niah_is_chance_level_before_training_and_higher_after(runs, tmp_path):
+    _, untrained, trained = runs
+    plot = tmp_path / "niah.png"
+    result = _niah(tmp_path, "both", [untrained, trained], "--label", "untrained", "--label", "trained",
+                   "--plot", plot)
+    for length in ("40", "56"):
+        before = result["models"]["untrained"][length]
+        after = result["models"]["trained"][length]
+        assert before["queries"] == after["queries"] == 80
+        # 80 queries: chance is 8 +- 2.7 hits; 16 would be three standard deviations above it.
+        assert before["exact_match"] <= 2 * CHANCE, before
+        assert after["exact_match"] >= before["exact_match"] + 0.3, (before, after)
+    import matplotlib.image
+
+    image = matplotlib.image.imread(plot)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_niah_independent_of_batch_size_and_parallel_layout(runs, tmp_path):
+    _, _, trained = runs
+    reference = _niah(tmp_path, "b1", [trained], "--label", "trained", "--batch-size", 1)["models"]["trained"]
+    layouts = {
+        "batch 7": ["--batch-size", 7],
+        "tp 2": ["--batch-size", 3, "--tensor-parallel-size", 2],
+        "cp 2 p2p": ["--batch-size", 5, "--context-parallel-size", 2, "--cp-comm-type", "p2p"],
+        "cp 2 a2a": ["--batch-size", 5, "--context-parallel-size", 2, "--cp-comm-type", "a2a"],
+    }
+    for name, extra in layouts.items():
+        got = _niah(tmp_path, name.replace(" ", "_"), [trained], "--label", "trained", *extra)["models"]["trained"]
+        assert got == reference, (name, got, reference)
+
+
+def test_ppl_by_position_independent_of_batch_and_layout(runs, tmp_path):
+    dataset, _, trained = runs
+    results = {}
+    for name, extra in {"tp1": ["--batch-size", 1], "tp2": ["--batch-size", 4, "--tensor-parallel-size", 2],
+                        "cp2": ["--batch-size", 3, "--context-parallel-size", 2]}.items():
+        out = tmp_path / f"{name}.json"
+        lucid("eval", "ppl", "--checkpoint", trained, "--data", dataset, "--seq-length", 64, "--rows", 12,
+              "--bucket-size", 16, "--out", out, "--plot", tmp_path / f"{name}.png", *extra)
+        results[name] = json.loads(out.read_text())
+    reference = results["tp1"]
+    assert reference["tokens"] > 12 * 40
+    assert list(reference["by_position"]) == ["0-15", "16-31", "32-47", "48-63"]  # documents of 32-56 tokens
+    # the loss is a mean over buckets weighted by their token counts
+    weighted = sum(b["loss"] * b["tokens"] for b in reference["by_position"].values()) / reference["tokens"]
+    assert reference["loss"] == pytest.approx(weighted, rel=1e-9)
+    for name in ("tp2", "cp2"):
+        got = results[name]
+        assert got["tokens"] == reference["tokens"]
+        for bucket, want in reference["by_position"].items():
+            assert got["by_position"][bucket]["tokens"] == want["tokens"]
+            np.testing.assert_allclose(got["by_position"][bucket]["loss"], want["loss"], rtol=1e-5, err_msg=name)
+
+
+def test_niah_rejects_bad_input(runs, tmp_path):
+    _, _, trained = runs
+    result = subprocess.run([sys.executable, "-m", "lucid_megatron", "eval", "niah", "--checkpoint", str(trained),
+                             "--lengths", "8", "--needles", "2"], capture_output=True, text=True, timeout=300,
+                            env=train_env())
+    assert result.returncode == 2
+    assert "--lengths [8]" in result.stderr and "minimum" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "lucid_megatron", "eval", "niah", "--checkpoint",
+                             str(tmp_path / "missing"), "--lengths", "64"], capture_output=True, text=True,
+                            timeout=300, env=train_env())
+    assert result.returncode == 2 and "missing" in result.stderr
