@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
+from lucid_megatron.data.files import atomic_write_text
 
 
 def _parallel_args(parser) -> None:
@@ -64,18 +64,16 @@ def _fail(message: str) -> int:
 
 
 def _is_writer() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    # From the launcher's RANK, not the process group: the scorer tears its group down before results are written.
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _write(args, results: dict, plot_fn, title: str) -> None:
     if not _is_writer():
         return
-    text = json.dumps(results, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(results, indent=1))
         print(f"wrote {args.out}")
     if args.plot:
         plot_fn(results, args.plot, title)
@@ -108,7 +106,7 @@ def _niah(args) -> int:
                         "lengths": args.lengths}, "models": {}}
     for label, (kind, path) in zip(labels, models):
         if kind == "hf":
-            if dist.is_initialized() and dist.get_world_size() > 1:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 return _fail("Hugging Face models are evaluated in one process")
             scorer = HFScorer(path)
         else:

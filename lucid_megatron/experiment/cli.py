@@ -2,7 +2,7 @@
 
     lucid experiment repro configs/repro/experiment.yaml --out results/repro [--jobs 2]
                            [--only softmax lucid] [--seeds 0 1] [--set train.steps=10] [--eval-samples 8]
-    lucid experiment toy --out results/toy [--steps 1500] [--seeds 0 1 2]
+    lucid experiment toy --out results/toy [--steps 1500] [--seeds 0 1 2] [--no-residual]
 
 ``repro`` trains and evaluates every condition x seed (resumable; see lucid_megatron/experiment/repro.py)
 and writes results.json, table.md and one PNG per plot group.  ``toy`` runs the authors' one-layer
@@ -33,6 +33,7 @@ def add_arguments(parser) -> None:
     toy.add_argument("--steps", type=int, default=1500, help="optimizer steps per phase")
     toy.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     toy.add_argument("--lr", type=float, default=1e-3)
+    toy.add_argument("--no-residual", action="store_true", help="the head reads the attention output alone")
 
 
 def _fail(message: str) -> int:
@@ -62,18 +63,22 @@ def _toy(args) -> int:
     results, summary = {}, {}
     for attention in ("softmax", "lucid"):
         for seed in args.seeds:
-            cfg = toy.ToyConfig(phase_steps=args.steps, seed=seed, lr=args.lr)
-            curves = toy.train_toy(cfg, attention)
+            cfg = toy.ToyConfig(phase_steps=args.steps, seed=seed, lr=args.lr, residual=not args.no_residual)
+            curves, sink = toy.train_toy(cfg, attention)
             results[(attention, seed)] = curves
-            summary[f"{attention}/seed{seed}"] = {phase: toy.final_loss(c) for phase, c in curves.items()}
-            print(f"{attention:8s} seed {seed}: final loss identity {summary[f'{attention}/seed{seed}']['identity']:.4f}"
-                  f"  cumulative average {summary[f'{attention}/seed{seed}']['cumavg']:.4f}", flush=True)
+            final = {phase: toy.final_loss(c) for phase, c in curves.items()}
+            summary[f"{attention}/seed{seed}"] = {**final, "first_token_attention": sink}
+            print(f"{attention:8s} seed {seed}: final loss identity {final['identity']:.4f} (first-token attention "
+                  f"{sink['identity']:.2f})  cumulative average {final['cumavg']:.4f} (first-token attention "
+                  f"{sink['cumavg']:.2f})", flush=True)
+    fixed = {k: v for k, v in vars(toy.ToyConfig()).items() if k not in ("phase_steps", "seed", "lr", "residual")}
     payload = {"config": {"steps_per_phase": args.steps, "seeds": args.seeds, "lr": args.lr,
-                          **{k: v for k, v in vars(toy.ToyConfig()).items() if k not in ("phase_steps", "seed", "lr")}},
+                          "residual": not args.no_residual, **fixed},
                "final_loss": summary,
                "curves": {f"{a}/seed{s}": c for (a, s), c in results.items()}}
     atomic_write_text(out / "toy.json", json.dumps(payload, indent=1))
-    toy.plot(results, out / "toy.png", "one attention layer: identity, then cumulative average")
+    title = "one attention layer: identity, then cumulative average" + (" (no residual)" if args.no_residual else "")
+    toy.plot(results, out / "toy.png", title)
     print(f"wrote {out / 'toy.json'} and {out / 'toy.png'}")
     return 0
 

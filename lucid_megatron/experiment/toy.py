@@ -25,16 +25,18 @@ class ToyConfig:
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
+    residual: bool = True  # x + attention(x) as in a transformer layer; False: the head reads attention alone
 
 
 class OneLayerAttention(torch.nn.Module):
-    """Embedding -> residual + one causal attention head (no position encoding) -> linear head to ``vocab``."""
+    """Embedding -> one causal attention head (no position encoding), plus the residual -> linear head."""
 
     def __init__(self, cfg: ToyConfig, attention: str):
         super().__init__()
         if attention not in ("softmax", "lucid"):
             raise ValueError(f"attention={attention!r}; allowed: 'softmax', 'lucid'")
         self.attention = attention
+        self.residual = cfg.residual
         self.embed = torch.nn.Embedding(cfg.vocab, cfg.width)
         self.qkv = torch.nn.Linear(cfg.width, 3 * cfg.width, bias=False)
         self.head = torch.nn.Linear(cfg.width, cfg.vocab)
@@ -43,7 +45,18 @@ class OneLayerAttention(torch.nn.Module):
         x = self.embed(tokens)
         q, k, v = (t.unsqueeze(2) for t in self.qkv(x).chunk(3, dim=-1))  # [B, N, 1 head, width]
         attend = lucid_attention if self.attention == "lucid" else softmax_attention
-        return self.head(x + attend(q, k, v).squeeze(2))  # a residual stream, as in a transformer layer
+        mixed = attend(q, k, v).squeeze(2)
+        return self.head(x + mixed if self.residual else mixed)
+
+
+@torch.no_grad()
+def first_token_attention(model: OneLayerAttention, tokens: torch.Tensor) -> float:
+    """Mean softmax weight that positions 1.. put on position 0: near 1 when an attention sink has formed."""
+    q, k, _ = model.qkv(model.embed(tokens)).chunk(3, dim=-1)
+    n = tokens.shape[1]
+    scores = (q @ k.transpose(1, 2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return float(scores.softmax(-1)[:, 1:, 0].mean())
 
 
 def targets(tokens: torch.Tensor, phase: str, vocab: int) -> torch.Tensor:
@@ -68,12 +81,16 @@ def loss_fn(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_toy(cfg: ToyConfig, attention: str, log_every: int = 10) -> dict:
-    """Phase 1 then phase 2 with one Adam optimizer state carried over; returns the loss curves."""
+    """Phase 1 then phase 2 with one Adam optimizer state carried over.
+
+    Returns the loss curves and, after each phase, the attention weight on the first token.
+    """
     torch.manual_seed(cfg.seed)
     model = OneLayerAttention(cfg, attention)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    curves = {}
+    curves, sink = {}, {}
+    probe = batch(torch.Generator().manual_seed(10_000 + cfg.seed), cfg)
     for phase in ("identity", "cumavg"):
         curve = []
         for step in range(cfg.phase_steps):
@@ -85,7 +102,8 @@ def train_toy(cfg: ToyConfig, attention: str, log_every: int = 10) -> dict:
             if step % log_every == 0 or step == cfg.phase_steps - 1:
                 curve.append((step, loss.item()))
         curves[phase] = curve
-    return curves
+        sink[phase] = first_token_attention(model, probe)
+    return curves, sink
 
 
 def final_loss(curve: list[tuple[int, float]], tail: int = 5) -> float:

@@ -95,6 +95,16 @@ def test_toy_targets_against_float64():
         toy.targets(tokens, "sum", vocab=4)
 
 
+def test_first_token_attention_of_uniform_attention():
+    cfg = toy.ToyConfig()
+    model = toy.OneLayerAttention(cfg, "softmax")
+    with torch.no_grad():
+        model.qkv.weight[: cfg.width] = 0.0  # q = 0: every row attends uniformly to its prefix
+    tokens = toy.batch(torch.Generator().manual_seed(0), cfg)
+    want = np.mean([1.0 / (i + 1) for i in range(1, cfg.vocab)], dtype=np.float64)
+    assert toy.first_token_attention(model, tokens) == pytest.approx(want, rel=1e-6)
+
+
 def test_toy_attentions_differ_and_learn_the_identity():
     cfg = toy.ToyConfig(phase_steps=80, batch_size=16)
     tokens = toy.batch(torch.Generator().manual_seed(0), cfg)
@@ -111,7 +121,8 @@ def test_toy_attentions_differ_and_learn_the_identity():
             model.qkv.weight[w : 2 * w] = torch.outer(torch.ones(w), model.qkv.weight[w]) / w
     assert (softmax(tokens) - lucid(tokens)).abs().max() > 1e-2
     for attention in ("softmax", "lucid"):
-        curves = toy.train_toy(cfg, attention)
+        curves, sink = toy.train_toy(cfg, attention)
+        assert 0.0 <= sink["identity"] <= 1.0 and 0.0 <= sink["cumavg"] <= 1.0
         assert curves["identity"][-1][1] < 0.2 * curves["identity"][0][1], (attention, curves["identity"])
         assert len(curves["cumavg"]) == len(curves["identity"])
 

@@ -1,5 +1,1 @@
-"""The Triton kernels run on CPU only under Triton's interpreter, which must be chosen before they are defined."""
-
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
+"""The interpreter setting for these tests lives in tests/conftest.py: it must precede Triton's first import."""
