@@ -38,6 +38,13 @@ def _publish(flag_ptr):
 
 
 @triton.jit
+def _block_entry(TABLE, blk):
+    """(first row, rows, first block of its document, last block of its document) of block ``blk``."""
+    entry = TABLE + blk * 4
+    return tl.load(entry), tl.load(entry + 1), tl.load(entry + 2), tl.load(entry + 3)
+
+
+@triton.jit
 def _load_block(PTR, g, stride_g, stride_n, row0, offs_m, offs_x, rows_ok, width, CACHE: tl.constexpr):
     """A [BM, BX] tile of rows ``row0 + offs_m`` of head ``g``; rows not ok and columns >= width read 0."""
     ptrs = PTR + g * stride_g + (row0 + offs_m)[:, None] * stride_n + offs_x[None, :]
@@ -66,9 +73,7 @@ def _forward_kernel(
     ticket = tl.atomic_add(COUNTER, 1)  # claim blocks in causal order
     blk = ticket // G
     g = ticket % G
-    row0 = tl.load(TABLE + blk * 4)
-    rows = tl.load(TABLE + blk * 4 + 1)
-    first = tl.load(TABLE + blk * 4 + 2)
+    row0, rows, first, _ = _block_entry(TABLE, blk)
 
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
@@ -111,9 +116,7 @@ def _backward_solve_kernel(
     ticket = tl.atomic_add(COUNTER, 1)
     blk = num_blocks - 1 - ticket // G  # reverse causal order
     g = ticket % G
-    row0 = tl.load(TABLE + blk * 4)
-    rows = tl.load(TABLE + blk * 4 + 1)
-    last = tl.load(TABLE + blk * 4 + 3)
+    row0, rows, _, last = _block_entry(TABLE, blk)
 
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
@@ -162,9 +165,7 @@ def _backward_rows_kernel(
     pid = tl.program_id(0)
     blk = pid // G
     g = pid % G
-    row0 = tl.load(TABLE + blk * 4)
-    rows = tl.load(TABLE + blk * 4 + 1)
-    first = tl.load(TABLE + blk * 4 + 2)
+    row0, rows, first, _ = _block_entry(TABLE, blk)
 
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
