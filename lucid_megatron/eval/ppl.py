@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 
-
 def evaluate(scorer, batches, *, bucket_size: int) -> dict:
     """Weighted mean loss overall and per bucket of in-document positions [k*bucket, (k+1)*bucket)."""
     sums, counts = {}, {}
@@ -44,6 +43,3 @@ def plot(result: dict, path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-

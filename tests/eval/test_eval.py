@@ -115,3 +115,14 @@ def test_niah_rejects_bad_input(runs, tmp_path):
                              str(tmp_path / "missing"), "--lengths", "64"], capture_output=True, text=True,
                             timeout=300, env=train_env())
     assert result.returncode == 2 and "missing" in result.stderr
+
+
+def test_niah_on_the_hugging_face_export_matches_the_checkpoint(runs, tmp_path):
+    _, _, trained = runs
+    exported = tmp_path / "hf"
+    lucid("convert", "to-hf", trained.parent, exported)
+    result = _niah(tmp_path, "hf", [trained], "--hf", exported, "--label", "megatron", "--label", "hf")
+    megatron, hf = result["models"]["megatron"], result["models"]["hf"]
+    # fp32 logits agree to ~1e-7, so greedy predictions (and every count) are the same
+    assert hf == megatron
+    assert megatron["40"]["exact_match"] > 2 * CHANCE
