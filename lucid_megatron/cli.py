@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "experiment": ("lucid_megatron.experiment.cli", "LUCID vs softmax reproduction and the attention-sink toy"),
     "launch": ("lucid_megatron.launch.cli", "start training: torchrun on this machine, or a SLURM job"),
     "demo": ("lucid_megatron.demo", "check and time the LUCID operator on a small CPU problem"),
+    "selftest": ("lucid_megatron.selftest.cli", "acceptance run of the GPU path (or --cpu-smoke of its code paths)"),
     "data": ("lucid_megatron.data.cli", "write token shards: synthetic retrieval data or prepared text"),
 }
 

@@ -60,6 +60,10 @@ class ModelConfig:
     # The padded vocabulary is a multiple of this; it must not depend on the TP size, so that
     # initialisation and checkpoints are the same for every TP layout (TP must divide it).
     make_vocab_size_divisible_by: int = 128
+    # Megatron layer implementation: "local" (plain PyTorch, any machine) or "te" (Transformer Engine's
+    # fused norm+linear, GPU only). Checkpoints are the same either way: the local spec maps its norm
+    # keys to TE's names, so a run saved with one loads into the other.
+    spec: Literal["local", "te"] = "local"
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -102,9 +101,12 @@ class TrainSection:
     micro_batch_size: int = 1
     seed: int = 1234
     zero_stage: Literal[0, 1, 2, 3] = 1
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # bf16: bf16 weights and activations with fp32 master weights in DeepSpeed (also runs on CPU);
+    # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: bool = False
-    attention_backend: Literal["auto", "blockwise", "reference"] = "auto"
+    # auto: the Triton kernels on GPU, the blockwise PyTorch operator on CPU
+    attention_backend: Literal["auto", "triton", "blockwise", "reference"] = "auto"
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     # Save and exit after this step (like Megatron-LM's --exit-interval); continue with --resume auto.
     stop_at_step: int | None = None
@@ -185,56 +187,6 @@ class TrainConfig:
                 f"train.seq_length: micro_batch_size x seq_length ({tokens}) must be divisible by "
                 f"tensor_parallel_size ({self.parallel.tensor_parallel_size}) with sequence_parallel"
             )
-
-
-@dataclasses.dataclass
-class RunLayout:
-    """How the world splits: world = data_parallel x context_parallel x tensor_parallel."""
-
-    world_size: int
-    tensor_parallel: int
-    context_parallel: int
-
-    @property
-    def data_parallel(self) -> int:
-        return self.world_size // (self.tensor_parallel * self.context_parallel)
-
-
-def check_layout(cfg: TrainConfig, world_size: int) -> RunLayout:
-    """Checks that need the number of processes; call before any process group starts."""
-    tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
-    if world_size % (tp * cp):
-        raise ConfigError(
-            f"parallel: the world size ({world_size} processes) is not divisible by "
-            f"tensor_parallel_size x context_parallel_size ({tp} x {cp})"
-        )
-    layout = RunLayout(world_size, tp, cp)
-    dp, mbs, gbs = layout.data_parallel, cfg.train.micro_batch_size, cfg.train.global_batch_size
-    if gbs % (mbs * dp):
-        raise ConfigError(
-            f"train.global_batch_size: {gbs} is not divisible by micro_batch_size x data_parallel "
-            f"({mbs} x {dp}); data_parallel = {world_size} processes / (TP {tp} x CP {cp})"
-        )
-    return layout
-
-
-def gradient_accumulation_steps(cfg: TrainConfig, layout: RunLayout) -> int:
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data_parallel)
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then the decay."""
-    peak, steps = cfg.optimizer.lr, cfg.train.steps
-    warmup = round(cfg.schedule.warmup_fraction * steps)
-    if step <= warmup:
-        return peak * step / warmup
-    floor = peak * cfg.schedule.min_lr_ratio
-    progress = (step - warmup) / max(1, steps - warmup)
-    if cfg.schedule.decay == "constant":
-        return peak
-    if cfg.schedule.decay == "linear":
-        return floor + (peak - floor) * (1 - progress)
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ---- loading ----------------------------------------------------------------------------------

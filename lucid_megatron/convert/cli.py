@@ -118,35 +118,49 @@ def from_hf(args) -> int:
     return 0
 
 
-def verify(args) -> int:
+def compare_logits(checkpoint, hf_dir, *, batches: int = 4, batch_size: int = 2, seq_len: int = 128,
+                   seed: int = 0) -> dict:
+    """Logits of a Megatron checkpoint and a Hugging Face directory on the same random tokens, both in
+    float32 on this process's device: max |logit difference|, KL(megatron || hf) per token, top-1 agreement."""
     from transformers import AutoModelForCausalLM
 
     from lucid_megatron.convert import megatron_io
 
-    checkpoint = megatron_io.resolve_checkpoint(args.checkpoint)
+    checkpoint = megatron_io.resolve_checkpoint(checkpoint)
     cfg = megatron_io.read_model_config(checkpoint)
-    hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
     vocab = megatron_io.read_state(checkpoint).get("tokenizer", {}).get("vocab_size") or cfg.vocab_size
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(seed)
     worst_abs, worst_kl, kl_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
-    with megatron_io.single_process(), torch.no_grad():
-        model = megatron_io.build_megatron_model(checkpoint, cfg)
-        for _ in range(args.batches):
-            tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g)
-            positions = torch.arange(args.seq_len).expand_as(tokens)
+    with megatron_io.single_process() as runtime, torch.no_grad():
+        model = megatron_io.build_megatron_model(checkpoint, cfg, runtime)
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=torch.float32)
+        hf = hf.to(runtime.device).eval()
+        for _ in range(batches):
+            tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(runtime.device)
+            positions = torch.arange(seq_len, device=runtime.device).expand_as(tokens)
             want = model(tokens, positions, None).double()
             got = hf(tokens, use_cache=False, float32_logits=True).logits.double()
-            worst_abs = max(worst_abs, (want - got).abs().max().item())
             log_p, log_q = want.log_softmax(-1), got.log_softmax(-1)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-            worst_kl, kl_sum = max(worst_kl, kl.max().item()), kl_sum + kl.sum().item()
-            agree += (want.argmax(-1) == got.argmax(-1)).sum().item()
-            count += kl.numel()
-    ok = worst_kl <= args.max_kl and worst_abs <= args.max_abs
-    print(f"{count} tokens ({args.batches} x {args.batch_size} x {args.seq_len}), Megatron {checkpoint} vs HF {args.hf_dir}")
-    print(f"  max |logit diff|        {worst_abs:.3e}   (limit {args.max_abs:g})")
-    print(f"  KL(megatron || hf)      max {worst_kl:.3e}, mean {kl_sum / count:.3e} per token   (limit {args.max_kl:g})")
-    print(f"  top-1 agreement         {agree / count:.6f}")
+            batch_abs, batch_kl, batch_kl_sum, batch_agree = runtime.host(torch.stack([
+                (want - got).abs().max(), kl.max(), kl.sum(), (want.argmax(-1) == got.argmax(-1)).sum().double(),
+            ]))
+            worst_abs, worst_kl = max(worst_abs, batch_abs), max(worst_kl, batch_kl)
+            kl_sum, agree, count = kl_sum + batch_kl_sum, agree + int(batch_agree), count + kl.numel()
+        device = str(runtime.device)
+    return {"checkpoint": str(checkpoint), "tokens": count, "device": device, "max_abs_logit_diff": worst_abs,
+            "max_kl": worst_kl, "mean_kl": kl_sum / count, "top1_agreement": agree / count}
+
+
+def verify(args) -> int:
+    r = compare_logits(args.checkpoint, args.hf_dir, batches=args.batches, batch_size=args.batch_size,
+                       seq_len=args.seq_len, seed=args.seed)
+    ok = r["max_kl"] <= args.max_kl and r["max_abs_logit_diff"] <= args.max_abs
+    print(f"{r['tokens']} tokens ({args.batches} x {args.batch_size} x {args.seq_len}) on {r['device']}, "
+          f"Megatron {r['checkpoint']} vs HF {args.hf_dir}")
+    print(f"  max |logit diff|        {r['max_abs_logit_diff']:.3e}   (limit {args.max_abs:g})")
+    print(f"  KL(megatron || hf)      max {r['max_kl']:.3e}, mean {r['mean_kl']:.3e} per token   (limit {args.max_kl:g})")
+    print(f"  top-1 agreement         {r['top1_agreement']:.6f}")
     print("  PASS" if ok else "  FAIL")
     return 0 if ok else 1
 

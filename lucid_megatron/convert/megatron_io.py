@@ -7,6 +7,7 @@ layout loads here into a TP=1 model, and a checkpoint written here loads at any 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,23 +15,28 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from lucid_megatron.config import ModelConfig, ParallelConfig, from_dict, to_dict
-from lucid_megatron.model.gpt import build_gpt_model
-from lucid_megatron.parallel.state import destroy_parallel, initialize_parallel
+from lucid_megatron.config import ModelConfig, from_dict, to_dict
+from lucid_megatron.runtime import Runtime, start_runtime, stop_runtime
+from lucid_megatron.runtime.parallelize import build_model, portable_model_config
 from lucid_megatron.train.checkpoint import Checkpointer, save_weights_checkpoint
 
 
 @contextlib.contextmanager
 def single_process():
-    """Megatron's parallel state for a world of one (reused if the caller already set one up)."""
+    """Megatron's parallel state for a world of one (reused if the caller already set one up); yields the
+    :class:`Runtime` (its device is this process's GPU when there is one)."""
     owned = not dist.is_initialized()
-    if owned:
-        initialize_parallel(1)
+    runtime = start_runtime(1) if owned else Runtime.current()
     try:
-        yield
+        yield runtime
     finally:
         if owned:
-            destroy_parallel()
+            stop_runtime()
+
+
+def _on_host() -> Runtime:
+    """The current runtime, placed on the CPU: conversion reads and writes weights on the host."""
+    return dataclasses.replace(Runtime.current(), device=torch.device("cpu"))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -68,20 +74,21 @@ def load_megatron_weights(checkpoint: Path, cfg: ModelConfig) -> dict[str, torch
     """Full weights by Megatron name (call inside :func:`single_process`)."""
     if not (Path(checkpoint) / "model").is_dir():
         raise FileNotFoundError(f"{Path(checkpoint) / 'model'} is missing: no Megatron weights in this checkpoint")
-    model = build_gpt_model(cfg, ParallelConfig(), initialize=False)
-    Checkpointer.load_weights(checkpoint, model)
+    model = build_model(_on_host(), portable_model_config(cfg), precision="fp32", initialize=False,
+                        load=lambda m: Checkpointer.load_weights(checkpoint, m))
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def build_megatron_model(checkpoint: Path, cfg: ModelConfig):
-    model = build_gpt_model(cfg, ParallelConfig(), initialize=False)
-    Checkpointer.load_weights(checkpoint, model)
+def build_megatron_model(checkpoint: Path, cfg: ModelConfig, runtime: Runtime | None = None):
+    """The checkpoint's model in float32 on ``runtime``'s device (default: the current runtime)."""
+    model = build_model(runtime or Runtime.current(), portable_model_config(cfg), precision="fp32",
+                        initialize=False, load=lambda m: Checkpointer.load_weights(checkpoint, m))
     return model.eval()
 
 
 def save_megatron_checkpoint(out: Path, weights: dict[str, torch.Tensor], cfg: ModelConfig, state: dict) -> Path:
     """A weights-only Megatron checkpoint from full weights (call inside :func:`single_process`)."""
-    model = build_gpt_model(cfg, ParallelConfig(), initialize=False)
+    model = build_model(_on_host(), portable_model_config(cfg), precision="fp32", initialize=False)
     expected = dict(model.named_parameters())
     for name, param in expected.items():
         if name not in weights:

@@ -34,10 +34,18 @@ class MicroBatch:
     num_rows: int
     stream_states: dict[str, dict]  # str(stream) -> its state after these rows
     row_indices: list[int] = field(default_factory=list)  # global row index of each row
+    # cu_seqlens as read on the host before the batch moved to a device (attention layers use it, so
+    # they never copy boundaries back from the device)
+    cu_seqlens_host: tuple[int, ...] | None = None
 
     def to(self, device) -> "MicroBatch":
-        return replace(self, **{name: getattr(self, name).to(device)
-                                for name in ("tokens", "labels", "loss_weight", "position_ids", "cu_seqlens")})
+        """The same micro-batch with its tensors on ``device`` (boundaries kept on the host too)."""
+        host = self.cu_seqlens_host
+        if host is None:
+            host = tuple(int(x) for x in self.cu_seqlens.tolist())
+        moved = {name: getattr(self, name).to(device, non_blocking=True)
+                 for name in ("tokens", "labels", "loss_weight", "position_ids", "cu_seqlens")}
+        return replace(self, cu_seqlens_host=host, **moved)
 
 
 def _positive(name: str, value, low: int = 1) -> None:

@@ -30,68 +30,69 @@ def _pack(docs: list[np.ndarray]):
 
 
 class MegatronScorer:
-    """A checkpoint at tensor-parallel size ``tp`` and context-parallel size ``cp`` (world = tp x cp)."""
+    """A checkpoint at tensor-parallel size ``tp`` and context-parallel size ``cp`` (world = tp x cp).
+
+    The model and the batches live on the runtime's device (the GPU of this rank when there is one);
+    results come back to the host.
+    """
 
     def __init__(self, checkpoint: str | Path, *, tp: int = 1, cp: int = 1, cp_comm_type: str = "p2p"):
-        from megatron.core import parallel_state
-
         from lucid_megatron.config import ParallelConfig
         from lucid_megatron.convert.megatron_io import read_model_config, resolve_checkpoint
-        from lucid_megatron.model.gpt import build_gpt_model
-        from lucid_megatron.parallel.state import initialize_parallel
+        from lucid_megatron.runtime import Runtime, start_runtime
+        from lucid_megatron.runtime.parallelize import build_model, portable_model_config
         from lucid_megatron.train.checkpoint import Checkpointer
 
         self.checkpoint = resolve_checkpoint(checkpoint)
-        self.cfg = read_model_config(self.checkpoint)
+        self.cfg = portable_model_config(read_model_config(self.checkpoint))
         self.owns_parallel_state = not dist.is_initialized()
-        if self.owns_parallel_state:
-            initialize_parallel(tp, cp)
+        self.runtime = start_runtime(tp, cp) if self.owns_parallel_state else Runtime.current()
         self.tp, self.cp = tp, cp
         if dist.get_world_size() != tp * cp:
             raise ValueError(f"evaluation runs on tp x cp = {tp * cp} processes, got a world of {dist.get_world_size()}")
-        self.parallel_state = parallel_state
-        self.model = build_gpt_model(self.cfg, ParallelConfig(tensor_parallel_size=tp, context_parallel_size=cp,
-                                                              cp_comm_type=cp_comm_type), initialize=False)
-        Checkpointer.load_weights(self.checkpoint, self.model)
+        parallel = ParallelConfig(tensor_parallel_size=tp, context_parallel_size=cp, cp_comm_type=cp_comm_type)
+        self.model = build_model(self.runtime, self.cfg, parallel, initialize=False,
+                                 load=lambda model: Checkpointer.load_weights(self.checkpoint, model))
         self.model.eval()
 
     def _local(self, batch):
-        """This rank's share of ``batch`` and, per local token, its index in the unpadded batch (-1: padding)."""
-        from lucid_megatron.parallel.context import ZigzagLayout, split_micro_batch
+        """This rank's share of ``batch`` on the device and, per local token, its index in the unpadded batch
+        (-1: padding), also on the device."""
+        from lucid_megatron.parallel.context import ZigzagLayout
 
+        local = self.runtime.micro_batch(batch)
         if self.cp == 1:
-            return batch, torch.arange(batch.tokens.shape[1])
-        rank = self.parallel_state.get_context_parallel_rank()
-        local = split_micro_batch(batch, self.cp, rank)
-        padded = local.cu_seqlens.tolist()
+            return local, torch.arange(batch.tokens.shape[1], device=self.runtime.device)
+        padded = local.cu_seqlens_host
         bounds = batch.cu_seqlens.tolist()
+        rank = torch.distributed.get_rank(self.runtime.context_parallel_group)
         layout = ZigzagLayout(tuple(b - a for a, b in zip(padded, padded[1:])), self.cp, rank)
         original = []
         for i, (pa, pb) in enumerate(zip(padded, padded[1:])):
             a, b = (bounds[i], bounds[i + 1]) if i + 1 < len(bounds) else (0, 0)  # documents are padded at the end
             original.append(torch.cat([torch.arange(a, b), torch.full((pb - pa - (b - a),), -1)]))
-        return local, torch.cat(original)[layout.local_positions]
+        return local, torch.cat(original)[layout.local_positions].to(self.runtime.device)
 
     def _gather(self, values: torch.Tensor, positions: torch.Tensor, total: int, fill) -> torch.Tensor:
-        """Local values at original positions (-1: padding) -> the full sequence on every rank."""
+        """Local values at original positions (-1: padding) -> the full sequence on every rank, on the host."""
         if self.cp == 1:
-            return values
-        group = self.parallel_state.get_context_parallel_group()
+            return values.cpu()
+        group = self.runtime.context_parallel_group
         parts_v = [torch.empty_like(values) for _ in range(self.cp)]
         parts_p = [torch.empty_like(positions) for _ in range(self.cp)]
         dist.all_gather(parts_v, values.contiguous(), group=group)
         dist.all_gather(parts_p, positions.contiguous(), group=group)
-        out = torch.full((total,), fill, dtype=values.dtype)
+        out = torch.full((total,), fill, dtype=values.dtype, device=values.device)
         for v, p in zip(parts_v, parts_p):
             keep = p >= 0
             out[p[keep]] = v[keep]
-        return out
+        return out.cpu()
 
     @torch.no_grad()
     def predictions(self, docs: list[np.ndarray]) -> list[np.ndarray]:
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-        from lucid_megatron.train.engine import packed_seq_params
+        from lucid_megatron.runtime.placement import packed_seq_params
 
         batch = _pack(docs)
         local, positions = self._local(batch)
@@ -103,8 +104,8 @@ class MegatronScorer:
 
     @torch.no_grad()
     def token_losses(self, batch):
-        """(loss, weight, position in document) of every token of a packed micro-batch, full sequence."""
-        from lucid_megatron.train.engine import packed_seq_params
+        """(loss, weight, position in document) of every token of a packed micro-batch, full sequence, host."""
+        from lucid_megatron.runtime.placement import packed_seq_params
 
         local, positions = self._local(batch)
         loss = self.model(local.tokens, local.position_ids, None, labels=local.labels,
@@ -115,9 +116,9 @@ class MegatronScorer:
 
     def close(self) -> None:
         if self.owns_parallel_state:
-            from lucid_megatron.parallel.state import destroy_parallel
+            from lucid_megatron.runtime import stop_runtime
 
-            destroy_parallel()
+            stop_runtime()
 
 
 class HFScorer:

@@ -88,7 +88,8 @@ def _run_local(args) -> int:
 
 
 def _run_slurm(args) -> int:
-    from lucid_megatron.config.train import check_layout, load_train_config
+    from lucid_megatron.config.train import load_train_config
+    from lucid_megatron.train.schedule import check_layout
     from lucid_megatron.launch.slurm import SlurmJob, render, submit, write_script
     from lucid_megatron.train.cli import default_run_dir
 

@@ -14,8 +14,11 @@ runs through ``lucid_megatron.parallel`` (``cp_comm_type`` ``a2a`` or ``p2p``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
@@ -165,8 +168,26 @@ class LucidCoreAttention(SoftmaxCoreAttention):
         )
 
 
+@dataclasses.dataclass
+class PackedDocuments(PackedSeqParams):
+    """Megatron's THD parameters plus the document boundaries as host integers.
+
+    Megatron's own code reads ``cu_seqlens_*`` (on the device); the LUCID/softmax core attention needs the
+    boundaries as Python integers and takes them from ``host_cu_seqlens``, so a layer never copies them
+    back from the device (no device-to-host synchronisation per layer).
+    """
+
+    host_cu_seqlens: tuple[int, ...] | None = None
+
+
 def _self_attention_cu_seqlens(packed_seq_params) -> torch.Tensor:
-    """Document boundaries of a packed self-attention batch (padded boundaries when present)."""
+    """Document boundaries of a packed self-attention batch (padded boundaries when present).
+
+    A host (CPU) int32 tensor when the boundaries are known on the host (:class:`PackedDocuments`); the
+    operators only read its values, never combine it with device tensors.
+    """
+    if isinstance(packed_seq_params, PackedDocuments) and packed_seq_params.host_cu_seqlens is not None:
+        return torch.tensor(packed_seq_params.host_cu_seqlens, dtype=torch.int32)
     cu_q = packed_seq_params.cu_seqlens_q_padded
     if cu_q is None:
         cu_q = packed_seq_params.cu_seqlens_q

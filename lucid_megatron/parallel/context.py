@@ -187,5 +187,6 @@ def split_micro_batch(micro_batch, cp_size: int, cp_rank: int, *, multiple_of: i
         loss_weight=local(micro_batch.loss_weight, 0.0),
         position_ids=positions.reshape(1, -1),
         cu_seqlens=torch.tensor([0, *itertools.accumulate(padded)], dtype=torch.int32),
+        cu_seqlens_host=None,
         max_seqlen=max(padded),
     )

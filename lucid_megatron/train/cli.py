@@ -34,12 +34,15 @@ def _fail(message: str) -> int:
 
 def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
     """Everything that can be checked before a process group exists (raises ConfigError)."""
-    from lucid_megatron.config.train import check_layout
+    from lucid_megatron.train.schedule import check_layout
     from lucid_megatron.data import loader as data_loader
     from lucid_megatron.data.shards import read_manifest
     from lucid_megatron.train.checkpoint import Checkpointer
 
+    from lucid_megatron.runtime.parallelize import check_spec
+
     layout = check_layout(cfg, world_size)
+    check_spec(cfg.model.spec)
     manifest_path = Path(cfg.data.path) / "manifest.json"
     if manifest_path.exists():
         manifest = read_manifest(cfg.data.path)

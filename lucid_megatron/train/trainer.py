@@ -1,6 +1,8 @@
-"""The training loop: one function that composes parallel state, data, model, engine, checkpoints, logs.
+"""The training loop: a small Trainer over the runtime (device, groups), data, engine, checkpoints and logs.
 
 Runs in every process of a torchrun (or single-process) job: ``python -m lucid_megatron train ...``.
+Reading order: :meth:`Trainer.setup` composes the pieces, :meth:`Trainer.run` is the loop and its one
+exit path, :meth:`Trainer.train_step`, :meth:`Trainer.evaluate` and :meth:`Trainer.save` are one step each.
 """
 
 from __future__ import annotations
@@ -8,35 +10,27 @@ from __future__ import annotations
 import json
 import os
 import time
-import zlib
 from pathlib import Path
 
 import psutil
 import torch
-import yaml
 import torch.distributed as dist
+import yaml
 from megatron.core import parallel_state
 
 from lucid_megatron.config.schema import to_dict
-from lucid_megatron.config.train import (
-    RunLayout,
-    TrainConfig,
-    check_layout,
-    dump_config,
-    gradient_accumulation_steps,
-    lr_at,
-)
+from lucid_megatron.config.train import TrainConfig, dump_config
 from lucid_megatron.data import loader as data_loader
 from lucid_megatron.data.shards import read_manifest
 from lucid_megatron.data.synth import write_synth_dataset
 from lucid_megatron.data.tokenizer import ByteTokenizer
-from lucid_megatron.model.gpt import build_gpt_model
-from lucid_megatron.parallel.context import split_micro_batch
-from lucid_megatron.parallel.state import destroy_parallel, initialize_parallel
+from lucid_megatron.runtime import start_runtime, stop_runtime
+from lucid_megatron.runtime.parallelize import EngineOptions, build_engine, build_model, params_dtype
 
 from .checkpoint import Checkpointer
-from .engine import build_engine, deepspeed_config, evaluate, train_step
+from .engine import StepResult, evaluate, rows_digest, train_step
 from .metrics import MetricsLogger
+from .schedule import check_layout, gradient_accumulation_steps, lr_at
 from .signals import PreemptionFlag
 
 
@@ -61,34 +55,10 @@ def _say(text: str) -> None:
         print(f"lucid train: {text}", flush=True)
 
 
-def _ensure_dataset(cfg: TrainConfig) -> None:
-    """Rank 0 writes the synthetic dataset when configured and missing; the others wait."""
-    path = Path(cfg.data.path)
-    if dist.get_rank() == 0 and not (path / "manifest.json").exists() and cfg.data.synth is not None:
-        s = cfg.data.synth
-        _say(f"writing the synthetic retrieval dataset to {path} ({s.train_docs} train documents)")
-        write_synth_dataset(
-            path, s.task, train_docs=s.train_docs, valid_docs=s.valid_docs,
-            docs_per_shard=s.docs_per_shard, seed=s.seed, tokenizer=ByteTokenizer(),
-        )
-    dist.barrier()
-
-
-def _layout_record(cfg: TrainConfig, layout: RunLayout) -> dict:
-    return {
-        "world_size": layout.world_size, "tensor_parallel": layout.tensor_parallel,
-        "context_parallel": layout.context_parallel, "data_parallel": layout.data_parallel,
-        "zero_stage": cfg.train.zero_stage,
-    }
-
-
-def _rows_digest(micro_batches, seq_length: int) -> int:
-    """Order-independent fingerprint of the rows of a step (summed over ranks): proves which data ran."""
-    total = 0
-    for mb in micro_batches:
-        for row in mb.tokens.reshape(-1, seq_length):
-            total += zlib.crc32(row.numpy().tobytes())
-    return total
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return psutil.Process().memory_info().rss / 2**30
 
 
 def _gather_stream_states(local: dict) -> dict:
@@ -100,200 +70,232 @@ def _gather_stream_states(local: dict) -> dict:
     return merged
 
 
-def _memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return psutil.Process().memory_info().rss / 2**30
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.runtime = None
+        self.engine = None
+        self.metrics = None
+        self.preemption = None
+        self.last_saved: tuple[int, Path] | None = None
 
+    # ---- composition ---------------------------------------------------------------------------
 
-def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = None) -> int:
-    run_dir = Path(run_dir)
-    layout = check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    initialize_parallel(layout.tensor_parallel, layout.context_parallel, seed=cfg.train.seed)
-    engine = None
-    preemption = PreemptionFlag()
-    try:
-        rank = dist.get_rank()
-        if rank == 0:
+    def setup(self) -> None:
+        cfg, run_dir = self.cfg, self.run_dir
+        self.layout = check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        self.runtime = start_runtime(self.layout.tensor_parallel, self.layout.context_parallel,
+                                     sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)
+        self.preemption = PreemptionFlag()
+        if self.runtime.is_first_rank:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_config(cfg))
-        _ensure_dataset(cfg)
-        manifest = read_manifest(cfg.data.path)
-        data_loader.check_layout(manifest, cfg.data.num_streams, layout.data_parallel, cfg.data.num_workers,
-                                 cfg.train.global_batch_size)
-        if manifest.tokenizer["vocab_size"] > cfg.model.vocab_size:
+        self._ensure_dataset()
+        self.manifest = read_manifest(cfg.data.path)
+        data_loader.check_layout(self.manifest, cfg.data.num_streams, self.layout.data_parallel,
+                                 cfg.data.num_workers, cfg.train.global_batch_size)
+        if self.manifest.tokenizer["vocab_size"] > cfg.model.vocab_size:
             raise TrainingStopped(
-                f"the dataset's tokenizer has {manifest.tokenizer['vocab_size']} tokens but model.vocab_size "
+                f"the dataset's tokenizer has {self.manifest.tokenizer['vocab_size']} tokens but model.vocab_size "
                 f"is {cfg.model.vocab_size}"
             )
 
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
-        model = build_gpt_model(
-            cfg.model, cfg.parallel, attention_backend=cfg.train.attention_backend,
-            params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            recompute_activations=cfg.train.activation_checkpointing,
-        )
-        checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last)
-        resume_path = None
-        if resume == "auto":
-            resume_path = checkpoints.latest()
-        elif resume:
-            resume_path = Path(resume)
+        self.checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        resume_path = self.checkpoints.latest() if self.resume == "auto" else (Path(self.resume) if self.resume else None)
         state = {}
         if resume_path is not None:
             _say(f"resuming from {resume_path}")
-            Checkpointer.load_weights(resume_path, model)
             state = Checkpointer.read_state(resume_path)
+            load = lambda model: Checkpointer.load_weights(resume_path, model)  # noqa: E731
         elif cfg.checkpoint.init_from:
             source = Checkpointer(Path(cfg.checkpoint.init_from)).latest() or Path(cfg.checkpoint.init_from)
             _say(f"initialising weights from {source}")
-            Checkpointer.load_weights(source, model)
+            load = lambda model: Checkpointer.load_weights(source, model)  # noqa: E731
+        else:
+            load = None
 
-        grad_accum = gradient_accumulation_steps(cfg, layout)
-        engine = build_engine(
-            model, lr=cfg.optimizer.lr, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps,
-            weight_decay=cfg.optimizer.weight_decay,
-            ds_config=deepspeed_config(
-                micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
-                zero_stage=cfg.train.zero_stage, grad_clip=cfg.optimizer.grad_clip, bf16=bf16,
-            ),
-        )
-        layout_record = _layout_record(cfg, layout)
+        self.grad_accum = gradient_accumulation_steps(cfg, self.layout)
+        model = build_model(self.runtime, cfg.model, cfg.parallel, precision=cfg.train.precision,
+                            attention_backend=cfg.train.attention_backend,
+                            activation_checkpointing=cfg.train.activation_checkpointing, load=load)
+        bf16 = params_dtype(cfg.train.precision, self.runtime.device) == torch.bfloat16
+        self.engine = build_engine(model, EngineOptions(
+            lr=cfg.optimizer.lr, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps,
+            weight_decay=cfg.optimizer.weight_decay, micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=self.grad_accum, zero_stage=cfg.train.zero_stage, grad_clip=cfg.optimizer.grad_clip,
+            bf16=bf16,
+        ))
+        self.layout_record = {
+            "world_size": self.layout.world_size, "tensor_parallel": self.layout.tensor_parallel,
+            "context_parallel": self.layout.context_parallel, "data_parallel": self.layout.data_parallel,
+            "zero_stage": cfg.train.zero_stage,
+        }
         if resume_path is not None:
             saved = state.get("layout")
-            Checkpointer.load_training_state(
-                resume_path, engine, same_layout=saved == layout_record,
-                layout_note=f"saved {saved}, now {layout_record}",
-            )
-        start_step = state.get("step", 0)
-        if start_step >= cfg.train.steps:
-            _say(f"nothing to do: {resume_path} is at step {start_step} >= train.steps ({cfg.train.steps})")
-            write_status(run_dir, "finished", start_step)
-            return 0
-        write_status(run_dir, "running", start_step)
-        nonfinite_total = state.get("nonfinite_steps", 0)
-        stream_states = dict(state.get("data", {}))
-
-        dp_rank = parallel_state.get_data_parallel_rank()
-        cp_rank = parallel_state.get_context_parallel_rank()
-
-        def this_cp_rank(batches):
-            """Every CP rank of a DP group reads the same rows and keeps its zigzag share."""
-            if layout.context_parallel == 1:
-                return list(batches)
-            multiple = layout.tensor_parallel if cfg.parallel.sequence_parallel else 1
-            return [split_micro_batch(mb, layout.context_parallel, cp_rank, multiple_of=multiple) for mb in batches]
-
-        loader = data_loader.make_train_loader(
+            Checkpointer.load_training_state(resume_path, self.engine, same_layout=saved == self.layout_record,
+                                             layout_note=f"saved {saved}, now {self.layout_record}")
+        self.resume_path = resume_path
+        self.start_step = state.get("step", 0)
+        self.nonfinite_total = state.get("nonfinite_steps", 0)
+        self.consecutive_nonfinite = 0
+        self.stream_states = dict(state.get("data", {}))
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.loader = data_loader.make_train_loader(
             cfg.data.path, seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-            dp_rank=dp_rank, dp_size=layout.data_parallel, num_streams=cfg.data.num_streams,
+            dp_rank=self.dp_rank, dp_size=self.layout.data_parallel, num_streams=cfg.data.num_streams,
             num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_shards=cfg.data.shuffle_shards,
-            loss_tokens=cfg.data.loss_tokens, on_bad_shard=cfg.data.on_bad_shard, state=stream_states or None,
+            loss_tokens=cfg.data.loss_tokens, on_bad_shard=cfg.data.on_bad_shard, state=self.stream_states or None,
         )
-        metrics = MetricsLogger(
-            run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-            total_steps=cfg.train.steps, start_step=start_step,
+        self.metrics = MetricsLogger(
+            run_dir, enabled=self.runtime.is_first_rank, tensorboard=cfg.logging.tensorboard,
+            progress=cfg.logging.progress, total_steps=cfg.train.steps, start_step=self.start_step,
         )
-        metrics.static(start_step, layout_record)
-        _say(
-            f"{cfg.train.steps} steps from step {start_step}; world {layout.world_size} = DP {layout.data_parallel} "
-            f"x CP {layout.context_parallel} x TP {layout.tensor_parallel}, ZeRO-{cfg.train.zero_stage}, "
-            f"{grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} x {cfg.train.seq_length} tokens per rank"
-        )
+        self.metrics.static(self.start_step, self.layout_record)
+        self.model_yaml = yaml.safe_dump(to_dict(cfg.model), sort_keys=False)
 
-        model_yaml = yaml.safe_dump(to_dict(cfg.model), sort_keys=False)
-
-        def save(step: int) -> Path:
-            state = {
-                "layout": layout_record,
-                "data": _gather_stream_states(stream_states),
-                "nonfinite_steps": nonfinite_total,
-                "tokenizer": manifest.tokenizer,
-            }
-            return checkpoints.save(step, engine, state, files={"model.yaml": model_yaml})
-
-        def validate(step: int) -> None:
-            if cfg.data.eval_rows == 0 or not manifest.splits.get("valid") or not manifest.splits["valid"].shards:
-                return
-            # A validation split is often a single shard: use as many streams as it has shards.
-            eval_streams = max(1, min(cfg.data.num_streams, len(manifest.splits["valid"].shards)))
-            batches = data_loader.make_eval_loader(
-                cfg.data.path, seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                dp_rank=dp_rank, dp_size=layout.data_parallel, num_streams=eval_streams,
-                max_rows=cfg.data.eval_rows, loss_tokens=cfg.data.loss_tokens,
+    def _ensure_dataset(self) -> None:
+        """Rank 0 writes the synthetic dataset when configured and missing; the others wait."""
+        cfg, path = self.cfg, Path(self.cfg.data.path)
+        if self.runtime.is_first_rank and not (path / "manifest.json").exists() and cfg.data.synth is not None:
+            s = cfg.data.synth
+            _say(f"writing the synthetic retrieval dataset to {path} ({s.train_docs} train documents)")
+            write_synth_dataset(
+                path, s.task, train_docs=s.train_docs, valid_docs=s.valid_docs,
+                docs_per_shard=s.docs_per_shard, seed=s.seed, tokenizer=ByteTokenizer(),
             )
-            loss, _ = evaluate(engine, this_cp_rank(batches))
-            metrics.log(step, {"valid_loss": loss})
+        dist.barrier()
 
-        consecutive_nonfinite = 0
-        last_saved = None
-        step = start_step
-        for step in range(start_step + 1, cfg.train.steps + 1):
-            started = time.perf_counter()
-            micro_batches = [next(loader) for _ in range(grad_accum)]
-            result = train_step(engine, this_cp_rank(micro_batches), lr_at(cfg, step))
-            for mb in micro_batches:
-                stream_states.update(mb.stream_states)
-            digest = torch.tensor([_rows_digest(micro_batches, cfg.train.seq_length)], dtype=torch.int64)
-            dist.all_reduce(digest, group=parallel_state.get_data_parallel_group())
-            elapsed = time.perf_counter() - started
+    # ---- one step each -------------------------------------------------------------------------
 
-            if result.nonfinite_micro_batches:
-                nonfinite_total += 1
-                consecutive_nonfinite += 1
-                _say(
-                    f"step {step}: non-finite loss in {result.nonfinite_micro_batches}/{len(micro_batches)} "
-                    f"micro-batch(es) on some rank; {'step skipped' if result.skipped else 'those dropped'}"
-                )
-            else:
-                consecutive_nonfinite = 0
-            if step % cfg.logging.interval == 0 or step == cfg.train.steps or result.nonfinite_micro_batches:
-                metrics.log(step, {
-                    "loss": result.loss, "lr": lr_at(cfg, step), "grad_norm": result.grad_norm,
-                    "tokens": result.tokens,
-                    "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / elapsed,
-                    "step_time_s": elapsed, "memory_gib": _memory_gib(), "nonfinite_steps": nonfinite_total,
-                    "skipped": result.skipped, "data_digest": int(digest.item()),
-                })
-            if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+    def train_step(self, step: int) -> StepResult:
+        cfg = self.cfg
+        started = time.perf_counter()
+        micro_batches = [next(self.loader) for _ in range(self.grad_accum)]
+        result = train_step(self.engine, self.runtime, self.runtime.micro_batches(micro_batches), lr_at(cfg, step))
+        for mb in micro_batches:
+            self.stream_states.update(mb.stream_states)
+        digest = rows_digest(self.runtime, micro_batches, cfg.train.seq_length)
+        elapsed = time.perf_counter() - started
+
+        if result.nonfinite_micro_batches:
+            self.nonfinite_total += 1
+            self.consecutive_nonfinite += 1
+            _say(
+                f"step {step}: non-finite loss in {result.nonfinite_micro_batches}/{len(micro_batches)} "
+                f"micro-batch(es) on some rank; {'step skipped' if result.skipped else 'those dropped'}"
+            )
+        else:
+            self.consecutive_nonfinite = 0
+        if step % cfg.logging.interval == 0 or step == cfg.train.steps or result.nonfinite_micro_batches:
+            self.metrics.log(step, {
+                "loss": result.loss, "lr": lr_at(cfg, step), "grad_norm": result.grad_norm,
+                "tokens": result.tokens,
+                "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / elapsed,
+                "step_time_s": elapsed, "memory_gib": _memory_gib(self.runtime.device),
+                "nonfinite_steps": self.nonfinite_total, "skipped": result.skipped, "data_digest": digest,
+            })
+        return result
+
+    def evaluate(self, step: int) -> None:
+        cfg, valid = self.cfg, self.manifest.splits.get("valid")
+        if cfg.data.eval_rows == 0 or not valid or not valid.shards:
+            return
+        # A validation split is often a single shard: use as many streams as it has shards.
+        eval_streams = max(1, min(cfg.data.num_streams, len(valid.shards)))
+        batches = data_loader.make_eval_loader(
+            cfg.data.path, seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+            dp_rank=self.dp_rank, dp_size=self.layout.data_parallel, num_streams=eval_streams,
+            max_rows=cfg.data.eval_rows, loss_tokens=cfg.data.loss_tokens,
+        )
+        loss, _ = evaluate(self.engine, self.runtime, self.runtime.micro_batches(batches))
+        self.metrics.log(step, {"valid_loss": loss})
+
+    def save(self, step: int) -> Path:
+        """Checkpoint ``step`` (collective), unless it was just saved."""
+        if self.last_saved is not None and self.last_saved[0] == step:
+            return self.last_saved[1]
+        state = {
+            "layout": self.layout_record,
+            "data": _gather_stream_states(self.stream_states),
+            "nonfinite_steps": self.nonfinite_total,
+            "tokenizer": self.manifest.tokenizer,
+        }
+        path = self.checkpoints.save(step, self.engine, state, files={"model.yaml": self.model_yaml})
+        self.last_saved = (step, path)
+        return path
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self.setup()
+            return self._loop()
+        finally:
+            self.close()
+
+    def _loop(self) -> int:
+        cfg, run_dir = self.cfg, self.run_dir
+        if self.start_step >= cfg.train.steps:
+            _say(f"nothing to do: {self.resume_path} is at step {self.start_step} >= train.steps ({cfg.train.steps})")
+            write_status(run_dir, "finished", self.start_step)
+            return 0
+        write_status(run_dir, "running", self.start_step)
+        _say(
+            f"{cfg.train.steps} steps from step {self.start_step}; world {self.layout.world_size} = DP "
+            f"{self.layout.data_parallel} x CP {self.layout.context_parallel} x TP {self.layout.tensor_parallel}, "
+            f"ZeRO-{cfg.train.zero_stage}, {self.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} x "
+            f"{cfg.train.seq_length} tokens per rank, {self.runtime.device}, "
+            f"{str(params_dtype(cfg.train.precision, self.runtime.device)).removeprefix('torch.')}, "
+            f"{cfg.model.spec} layers"
+        )
+        step, outcome = self.start_step, "finished"
+        resume_hint = f"continue with: lucid train <config> --run-dir {run_dir} --resume auto"
+        for step in range(self.start_step + 1, cfg.train.steps + 1):
+            self.train_step(step)
+            if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
                 write_status(run_dir, "failed", step)
                 raise TrainingStopped(
-                    f"the loss was non-finite for {consecutive_nonfinite} consecutive steps (up to step {step}); "
-                    f"stopping. The last checkpoint is {checkpoints.latest()}. Lower optimizer.lr, keep "
-                    "optimizer.grad_clip > 0, or inspect the data of these steps."
+                    f"the loss was non-finite for {self.consecutive_nonfinite} consecutive steps (up to step "
+                    f"{step}); stopping. The last checkpoint is {self.checkpoints.latest()}. Lower optimizer.lr, "
+                    "keep optimizer.grad_clip > 0, or inspect the data of these steps."
                 )
             if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0:
-                validate(step)
+                self.evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-                last_saved = (step, save(step))
+                self.save(step)
             if step == cfg.train.stop_at_step:
-                path = last_saved[1] if last_saved and last_saved[0] == step else save(step)
-                _say(f"stopping at step {step} (train.stop_at_step): saved {path}; continue with --resume auto")
-                write_status(run_dir, "stopped", step)
-                metrics.close()
-                return 0
-            if preemption.agreed():
-                path = last_saved[1] if last_saved and last_saved[0] == step else save(step)
-                _say(
-                    f"received {preemption.received or 'a preemption signal'} at step {step}: saved {path}. "
-                    f"Resume with: lucid train <config> --run-dir {run_dir} --resume auto"
-                )
-                write_status(run_dir, "preempted", step)
-                metrics.close()
-                return 0
-
-        if not (cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0):
-            validate(step)  # the final evaluation, unless the interval just ran it
-        path = last_saved[1] if last_saved and last_saved[0] == step else save(step)
-        write_status(run_dir, "finished", step)
-        metrics.close()
-        _say(
-            f"done: {cfg.train.steps} steps. Run directory {run_dir}: checkpoint {path}, metrics "
-            f"{run_dir / 'metrics.jsonl'}, TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
-        )
+                outcome = "stopped"
+                describe = lambda path: f"stopping at step {step} (train.stop_at_step): saved {path}; {resume_hint}"  # noqa: E731
+                break
+            if self.preemption.agreed(self.runtime):
+                signal_name = self.preemption.received or "a preemption signal"
+                outcome = "preempted"
+                describe = lambda path: f"received {signal_name} at step {step}: saved {path}. {resume_hint}"  # noqa: E731
+                break
+        else:
+            if not (cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0):
+                self.evaluate(step)  # the final evaluation, unless the interval just ran it
+            describe = lambda path: (  # noqa: E731
+                f"done: {cfg.train.steps} steps. Run directory {run_dir}: checkpoint {path}, metrics "
+                f"{run_dir / 'metrics.jsonl'}, TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
+            )
+        # the one exit path: save (unless this step was just saved), publish the state, say where things are
+        path = self.save(step)
+        write_status(run_dir, outcome, step)
+        _say(describe(path))
         return 0
-    finally:
-        preemption.restore()
-        if engine is not None:
-            engine.destroy()
-        destroy_parallel()
+
+    def close(self) -> None:
+        if self.preemption is not None:
+            self.preemption.restore()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.engine is not None:
+            self.engine.destroy()
+        stop_runtime()
+
+
+def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = None) -> int:
+    return Trainer(cfg, run_dir, resume).run()

@@ -7,15 +7,8 @@ import pytest
 import yaml
 
 from lucid_megatron.config import ConfigError
-from lucid_megatron.config.train import (
-    CONFIG_DIR,
-    check_layout,
-    config_from_dict,
-    dump_config,
-    gradient_accumulation_steps,
-    load_train_config,
-    lr_at,
-)
+from lucid_megatron.config.train import CONFIG_DIR, config_from_dict, dump_config, load_train_config
+from lucid_megatron.train.schedule import check_layout, gradient_accumulation_steps, lr_at
 
 TRAIN_CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 

@@ -1,0 +1,145 @@
+"""Where tensors live: the process's device, batches moved onto it once, and collectives on that device.
+
+An NCCL process group takes only tensors of the process's CUDA device; gloo takes CPU tensors. Every
+tensor that goes into a collective in training, evaluation and conversion is therefore made here, on
+:attr:`Runtime.device`, and every value read back to the host goes through :meth:`Runtime.host` (one
+device-to-host copy per call, the only synchronisation the bookkeeping needs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from lucid_megatron.model.core_attention import PackedDocuments
+from lucid_megatron.parallel.context import split_micro_batch
+from lucid_megatron.parallel.state import destroy_parallel, initialize_parallel
+
+
+def default_device() -> torch.device:
+    """This process's accelerator (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """The process's device and its place in the TP x CP x DP layout (after :func:`start_runtime`)."""
+
+    device: torch.device
+    tensor_parallel: int
+    context_parallel: int
+    sequence_parallel: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.tensor_parallel * self.context_parallel)
+
+    @property
+    def is_first_rank(self) -> bool:
+        return dist.get_rank() == 0
+
+    @property
+    def context_parallel_group(self):
+        return parallel_state.get_context_parallel_group()
+
+    @classmethod
+    def current(cls) -> "Runtime":
+        """The runtime of process groups someone else started (Megatron's state must be initialised)."""
+        if not parallel_state.model_parallel_is_initialized():
+            raise RuntimeError("no parallel state: start it with lucid_megatron.runtime.start_runtime")
+        return cls(default_device(), parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_context_parallel_world_size())
+
+    # ---- batches -----------------------------------------------------------------------------
+
+    def micro_batch(self, micro_batch):
+        """This rank's share of a packed micro-batch (its zigzag chunks under CP), on the device.
+
+        The split needs the document boundaries on the host, so it runs before the copy; the copy
+        moves tokens, labels, loss weights, positions and ``cu_seqlens`` once.
+        """
+        if self.context_parallel > 1:
+            multiple = self.tensor_parallel if self.sequence_parallel else 1
+            micro_batch = split_micro_batch(
+                micro_batch, self.context_parallel, parallel_state.get_context_parallel_rank(), multiple_of=multiple
+            )
+        return micro_batch.to(self.device)
+
+    def micro_batches(self, micro_batches) -> list:
+        return [self.micro_batch(mb) for mb in micro_batches]
+
+    # ---- collectives -------------------------------------------------------------------------
+
+    def tensor(self, values, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """A 1-D tensor of ``values`` on the device, ready for a collective."""
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def all_reduce(self, values: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if values.device != self.device:
+            raise RuntimeError(
+                f"a collective got a tensor on {values.device}; this process communicates on {self.device}"
+            )
+        dist.all_reduce(values, op=op, group=group)
+        return values
+
+    def sum_over_data_parallel(self, values: torch.Tensor, *, with_context_parallel: bool = True) -> torch.Tensor:
+        group = parallel_state.get_data_parallel_group(with_context_parallel=with_context_parallel)
+        return self.all_reduce(values, group=group)
+
+    def any_rank(self, flag: bool | torch.Tensor) -> bool:
+        """True on every rank if ``flag`` (a bool, or a one-element device tensor) is true on any rank.
+
+        Collective over the whole world; a device tensor is reduced where it is (one host read in all).
+        """
+        if isinstance(flag, torch.Tensor):
+            values = flag.detach().to(torch.float64).reshape(1)
+        else:
+            values = self.tensor([float(flag)])
+        return bool(self.host(self.all_reduce(values, op=dist.ReduceOp.MAX))[0])
+
+    @staticmethod
+    def host(values: torch.Tensor) -> list:
+        """Values of a device tensor as a Python list: the bookkeeping's one device-to-host read."""
+        return values.tolist()
+
+
+def packed_seq_params(micro_batch) -> PackedDocuments:
+    """THD boundaries of the (padded, under CP: global) row; max_seqlen is the longest document, which
+    Megatron's THD RoPE needs to restart positions per document.  The boundaries travel on the device
+    (Megatron's code) and on the host (our attention layers)."""
+    cu = micro_batch.cu_seqlens
+    host = micro_batch.cu_seqlens_host
+    if host is None and cu.device.type == "cpu":
+        host = tuple(int(x) for x in cu.tolist())
+    return PackedDocuments(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+        max_seqlen_q=micro_batch.max_seqlen, max_seqlen_kv=micro_batch.max_seqlen, host_cu_seqlens=host,
+    )
+
+
+def start_runtime(tensor_parallel: int = 1, context_parallel: int = 1, *, sequence_parallel: bool = False,
+                  seed: int = 1234, device: torch.device | None = None) -> Runtime:
+    """Process groups (NCCL on GPU, gloo on CPU), Megatron's TP/CP/DP groups, seeds, and the device.
+
+    ``device`` defaults to :func:`default_device`; the current CUDA device is set to it before any
+    group exists, so NCCL and Megatron's ``torch.cuda.current_device()`` agree with it.
+    """
+    device = default_device() if device is None else torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    initialize_parallel(tensor_parallel, context_parallel, seed=seed)
+    return Runtime(device, tensor_parallel, context_parallel, sequence_parallel)
+
+
+def stop_runtime() -> None:
+    destroy_parallel()

@@ -1,0 +1,33 @@
+"""``lucid selftest gpu --out DIR [--cpu-smoke] [--budget SECONDS]``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="selftest_command", metavar="{gpu}", required=True)
+    gpu = sub.add_parser("gpu", help="acceptance run on one GPU: kernels, bf16/TE training, resume, HF parity, timings")
+    gpu.add_argument("--out", required=True, help="directory for results.json, results.md, runs and logs")
+    gpu.add_argument("--cpu-smoke", action="store_true",
+                     help="every code path at toy sizes on CPU (Triton under its interpreter): what CI runs")
+    gpu.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run; timings stop early")
+
+
+def run(args) -> int:
+    import os
+    import subprocess
+
+    from lucid_megatron.selftest.gpu import run_selftest
+
+    if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton picks its interpreter when it is first imported (this process may have imported it
+        # already, through transformers): run the smoke in a fresh process that chooses it up front.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        return subprocess.run([sys.executable, "-m", "lucid_megatron", *args._argv], env=env).returncode
+
+    try:
+        return run_selftest(args.out, cpu_smoke=args.cpu_smoke, budget_s=args.budget)
+    except (FileExistsError, RuntimeError) as err:
+        print(f"lucid selftest: error: {err}", file=sys.stderr)
+        return 2
