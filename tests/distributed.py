@@ -6,11 +6,13 @@ returns.  A rank that raises makes the whole call raise with its traceback; a ha
 ``timeout`` seconds.
 """
 
+import io
 import os
 import queue
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -25,17 +27,23 @@ def _worker(fn, rank, world_size, port, args, results):
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
-    import torch
-
     torch.set_num_threads(1)
     try:
-        results.put((rank, "ok", fn(rank, world_size, *args)))
+        # Results travel as plain bytes: a tensor put on the queue as-is is shared through a file descriptor
+        # that vanishes if this process exits before the parent has unpickled it (a race under load).
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report, never hang the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
         from lucid_megatron.parallel.state import destroy_parallel
 
         destroy_parallel()
+
+
+def decode_result(value: bytes):
+    return torch.load(io.BytesIO(value), weights_only=False)  # written by our own workers
 
 
 def run_on_ranks(fn, world_size: int, *args, timeout: float = 300):
@@ -51,7 +59,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300):
         for _ in range(world_size):
             rank, status, value = results.get(timeout=timeout)
             if status == "ok":
-                out[rank] = value
+                out[rank] = decode_result(value)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
                 break

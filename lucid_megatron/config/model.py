@@ -6,9 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, Union
 
-import yaml
 
-from .schema import ConfigError, from_dict
+from .schema import ConfigError, from_dict, read_yaml_file
 
 MODEL_PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
@@ -119,7 +118,8 @@ def load_model_config(name_or_path: str, overrides: dict | None = None) -> Model
             raise ConfigError(
                 f"model preset {name_or_path!r} not found; available: {', '.join(model_preset_names())}"
             )
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml_file(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"model config {str(path)!r}: expected a mapping of model fields")
     data.update(overrides or {})
     return from_dict(ModelConfig, data, "model")

@@ -17,7 +17,7 @@ from lucid_megatron.data.synth import RetrievalTask
 
 from .model import MODEL_PRESET_DIR, ModelConfig, model_preset_names
 from .parallel import ParallelConfig, check_model_fits
-from .schema import ConfigError, from_dict, to_dict
+from .schema import ConfigError, _short, from_dict, parse_yaml, read_yaml_file, to_dict
 
 CONFIG_DIR = MODEL_PRESET_DIR.parent
 
@@ -36,6 +36,8 @@ class SynthConfig:
         for name in ("train_docs", "valid_docs", "docs_per_shard"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
 
 
 @dataclasses.dataclass
@@ -112,6 +114,8 @@ class TrainSection:
     stop_at_step: int | None = None
 
     def validate(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(f"stop_at_step: must be >= 1 or null, got {self.stop_at_step}")
         for name in ("steps", "global_batch_size", "seq_length", "micro_batch_size", "max_nonfinite_steps"):
@@ -207,13 +211,13 @@ def _apply_override(data: dict, assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    node[keys[-1]] = parse_yaml(raw, f"--set {dotted}") if raw.strip() else None
 
 
 def _resolve_model(model) -> dict:
     """``model: {preset: NAME, ...overrides}`` -> the preset's fields updated by the overrides."""
     if not isinstance(model, dict):
-        raise ConfigError(f"model: expected a mapping (a preset name and/or fields), got {model!r}")
+        raise ConfigError(f"model: expected a mapping (a preset name and/or fields), got {_short(model)}")
     model = dict(model)
     preset = model.pop("preset", None)
     if preset is None:
@@ -221,18 +225,17 @@ def _resolve_model(model) -> dict:
     path = MODEL_PRESET_DIR / f"{preset}.yaml"
     if not isinstance(preset, str) or not path.exists():
         raise ConfigError(f"model.preset: {preset!r} is not a preset; allowed: {', '.join(model_preset_names())}")
-    with open(path) as f:
-        base = yaml.safe_load(f) or {}
+    base = read_yaml_file(path) or {}
     base.update(model)
     return base
 
 
 def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a training config must be a mapping of sections, got {_short(data)}")
     data = copy.deepcopy(data)
     for assignment in overrides:
         _apply_override(data, assignment)
-    if not isinstance(data, dict):
-        raise ConfigError(f"a training config must be a mapping of sections, got {data!r}")
     if "model" in data:
         data["model"] = _resolve_model(data["model"])
     return from_dict(TrainConfig, data)
@@ -243,11 +246,8 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     path = Path(path)
     if not path.exists() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").exists():
         path = CONFIG_DIR / f"{path}.yaml"
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    return config_from_dict(data, overrides)
+    data = read_yaml_file(path)
+    return config_from_dict({} if data is None else data, overrides)
 
 
 def dump_config(cfg: TrainConfig) -> str:

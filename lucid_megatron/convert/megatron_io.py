@@ -18,7 +18,7 @@ import yaml
 from lucid_megatron.config import ModelConfig, from_dict, to_dict
 from lucid_megatron.runtime import Runtime, start_runtime, stop_runtime
 from lucid_megatron.runtime.parallelize import build_model, portable_model_config
-from lucid_megatron.train.checkpoint import Checkpointer, save_weights_checkpoint
+from lucid_megatron.train.checkpoint import Checkpointer, resolve_checkpoint, save_weights_checkpoint  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -37,23 +37,6 @@ def single_process():
 def _on_host() -> Runtime:
     """The current runtime, placed on the CPU: conversion reads and writes weights on the host."""
     return dataclasses.replace(Runtime.current(), device=torch.device("cpu"))
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, or the newest complete one under a checkpoints directory or a run directory."""
-    path = Path(path)
-    if (path / "COMPLETE").exists():
-        return path
-    for root in (path / "checkpoints", path):
-        latest = Checkpointer(root).latest()
-        if latest is not None:
-            return latest
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    raise FileNotFoundError(
-        f"{str(path)!r} is not a complete checkpoint (no COMPLETE file) and holds none "
-        "(expected RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/step_XXXXXXXX)"
-    )
 
 
 def read_model_config(checkpoint: Path) -> ModelConfig:

@@ -175,6 +175,23 @@ class Checkpointer:
         set_rng_state(torch.load(rng_file, weights_only=False))
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, or the newest complete one under a checkpoints directory or a run directory."""
+    path = Path(path)
+    if (path / "COMPLETE").exists():
+        return path
+    for root in (path / "checkpoints", path):
+        latest = Checkpointer(root).latest()
+        if latest is not None:
+            return latest
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    raise FileNotFoundError(
+        f"{str(path)!r} is not a complete checkpoint (no COMPLETE file) and holds none "
+        "(expected RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/step_XXXXXXXX)"
+    )
+
+
 def save_weights_checkpoint(path: str | Path, model: torch.nn.Module, state: dict, files: dict[str, str]) -> Path:
     """A weights-only checkpoint directory (no optimizer state), e.g. from a Hugging Face import.
 

@@ -37,7 +37,8 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
     from lucid_megatron.train.schedule import check_layout
     from lucid_megatron.data import loader as data_loader
     from lucid_megatron.data.shards import read_manifest
-    from lucid_megatron.train.checkpoint import Checkpointer
+    from lucid_megatron.train.checkpoint import Checkpointer, resolve_checkpoint
+    from lucid_megatron.train.run_lock import RunDirBusy, check_free
 
     from lucid_megatron.runtime.parallelize import check_spec
 
@@ -61,14 +62,51 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
             f"data.path: {cfg.data.path!r} has no manifest.json and data.synth is not set; make a dataset with "
             f"`lucid data synth {cfg.data.path}` or `lucid data prepare FILES --out {cfg.data.path}`"
         )
-    if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
-        raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from!r} does not exist")
+    if cfg.checkpoint.init_from:
+        try:
+            source = resolve_checkpoint(cfg.checkpoint.init_from)
+        except FileNotFoundError as err:
+            raise ConfigError(f"checkpoint.init_from: {err}") from None
+        check_same_model(cfg.model, source)
     if resume not in (None, "auto") and not (Path(resume) / "COMPLETE").exists():
         raise ConfigError(f"--resume: {resume!r} is not a complete checkpoint directory")
+    resumed = Path(resume) if resume not in (None, "auto") else None
+    if resume == "auto":
+        resumed = Checkpointer(run_dir / "checkpoints").latest()
+    if resumed is not None:
+        check_same_model(cfg.model, resumed)
+    try:
+        check_free(run_dir)
+    except RunDirBusy as err:
+        raise ConfigError(f"--run-dir: {err}") from None
     if resume is None and Checkpointer(run_dir / "checkpoints").latest() is not None:
         raise ConfigError(
             f"--run-dir: {run_dir} already has checkpoints; pass --resume auto to continue that run, "
             "or choose another --run-dir"
+        )
+
+
+# Fields that decide the shapes of the weights: a checkpoint only resumes into the same values.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
+                "padded_vocab_size", "tie_embeddings")
+
+
+def check_same_model(model, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` into a model of other shapes, naming each field that differs."""
+    from lucid_megatron.config.model import ModelConfig
+    from lucid_megatron.config.schema import from_dict, read_yaml_file
+
+    path = Path(checkpoint) / "model.yaml"
+    if not path.exists():
+        return  # checkpoints from before model.yaml was recorded: Megatron checks the shapes when loading
+    saved = from_dict(ModelConfig, read_yaml_file(path), "checkpoint model")
+    differ = [f"model.{name}: config {getattr(model, name)!r}, checkpoint {getattr(saved, name)!r}"
+              for name in SHAPE_FIELDS if getattr(model, name) != getattr(saved, name)]
+    if differ:
+        raise ConfigError(
+            f"--resume: {checkpoint} holds a model of other shapes than the config ({'; '.join(differ)}); "
+            "resume with the run's own config.yaml, or start a new --run-dir (checkpoint.init_from needs the "
+            "same shapes too)"
         )
 
 
@@ -81,7 +119,9 @@ def run(args) -> int:
         return _fail(f"invalid config: {err}")
     run_dir = Path(args.run_dir or default_run_dir(args.config))
     under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
-    nproc = args.nproc_per_node or cfg.launch.nproc_per_node
+    nproc = cfg.launch.nproc_per_node if args.nproc_per_node is None else args.nproc_per_node
+    if nproc < 1:
+        return _fail(f"--nproc-per-node: must be >= 1, got {nproc}")
     world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun else nproc
     if not under_torchrun or os.environ.get("RANK") == "0":
         try:
@@ -90,11 +130,12 @@ def run(args) -> int:
             return _fail(str(err))
 
     if under_torchrun or nproc == 1:
+        from lucid_megatron.train.run_lock import RunDirBusy
         from lucid_megatron.train.trainer import TrainingStopped, run_training
 
         try:
             return run_training(cfg, run_dir, args.resume)
-        except TrainingStopped as err:
+        except (TrainingStopped, RunDirBusy) as err:
             print(f"lucid train: stopped: {err}", file=sys.stderr, flush=True)
             return 1
 

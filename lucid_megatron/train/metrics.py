@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from lucid_megatron.data.files import atomic_write_text
 
 # metrics.jsonl key -> TensorBoard tag
 TENSORBOARD_TAGS = {
@@ -42,13 +43,23 @@ class MetricsLogger:
                 self.writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start_step + 1)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be logged again)."""
+        """On resume, drop lines of steps after the checkpoint (they will be logged again), and any line
+        that does not parse (a crash or a full disk mid-write tears the last one)."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        keep, torn = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                record_step = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                torn += int(bool(line.strip()))
+                continue
+            if record_step <= step:
+                keep.append(line)
+        if torn:
+            print(f"lucid train: {self.path}: dropped {torn} unreadable line(s) (a write cut short)", flush=True)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def static(self, step: int, values: dict) -> None:
         """Run facts (world layout, ZeRO stage) as TensorBoard scalars."""

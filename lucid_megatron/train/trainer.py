@@ -27,9 +27,10 @@ from lucid_megatron.data.tokenizer import ByteTokenizer
 from lucid_megatron.runtime import start_runtime, stop_runtime
 from lucid_megatron.runtime.parallelize import EngineOptions, build_engine, build_model, params_dtype
 
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, resolve_checkpoint
 from .engine import StepResult, evaluate, rows_digest, train_step
 from .metrics import MetricsLogger
+from .run_lock import RunDirLock
 from .schedule import check_layout, gradient_accumulation_steps, lr_at
 from .signals import PreemptionFlag
 
@@ -79,6 +80,7 @@ class Trainer:
         self.engine = None
         self.metrics = None
         self.preemption = None
+        self.lock = None
         self.last_saved: tuple[int, Path] | None = None
 
     # ---- composition ---------------------------------------------------------------------------
@@ -90,7 +92,7 @@ class Trainer:
                                      sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)
         self.preemption = PreemptionFlag()
         if self.runtime.is_first_rank:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunDirLock(run_dir).acquire()  # before anything is written there
             (run_dir / "config.yaml").write_text(dump_config(cfg))
         self._ensure_dataset()
         self.manifest = read_manifest(cfg.data.path)
@@ -110,7 +112,7 @@ class Trainer:
             state = Checkpointer.read_state(resume_path)
             load = lambda model: Checkpointer.load_weights(resume_path, model)  # noqa: E731
         elif cfg.checkpoint.init_from:
-            source = Checkpointer(Path(cfg.checkpoint.init_from)).latest() or Path(cfg.checkpoint.init_from)
+            source = resolve_checkpoint(cfg.checkpoint.init_from)
             _say(f"initialising weights from {source}")
             load = lambda model: Checkpointer.load_weights(source, model)  # noqa: E731
         else:
@@ -294,6 +296,8 @@ class Trainer:
             self.metrics.close()
         if self.engine is not None:
             self.engine.destroy()
+        if self.lock is not None:
+            self.lock.release()
         stop_runtime()
 
 

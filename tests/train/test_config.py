@@ -1,6 +1,8 @@
 """The training config schema: presets validate, bad keys and values are named, schedule values."""
 
 import math
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,62 @@ def test_context_parallel_that_cannot_be_honoured_is_refused():
                                           r"context_parallel_size \(1 x 3\)"):
         check_layout(cfg, 2)
     assert check_layout(cfg, 3).data_parallel == 1
+
+
+# ---- hostile and broken config files -------------------------------------------------------------
+
+
+def _demo_text() -> str:
+    return (CONFIG_DIR / "demo.yaml").read_text()
+
+
+@pytest.mark.parametrize("content,message", [
+    ("train: {steps: 3\n", "invalid YAML at line 2"),
+    ("model: !!python/object/apply:os.system ['echo owned']\n", "invalid YAML at line 1, column 8"),
+    (b"train:\n  steps: 3 \xff\xfe\n", "is not UTF-8 text (byte 0xff at offset 18)"),
+    ("- a\n- b\n", "a training config must be a mapping of sections, got ['a', 'b']"),
+])
+def test_broken_config_files_are_named(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(path, ["train.steps=3"])
+
+
+def test_a_directory_is_not_a_config(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; give a YAML file"):
+        load_train_config(tmp_path)
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    lines.append("model: *a8")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert len(path.read_bytes()) < 1024
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path)
+    assert "expands to more than 100000 values" in str(err.value) and len(str(err.value)) < 300
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.lr=.inf", "optimizer.lr: expected a finite number, got inf"),
+    ("optimizer.grad_clip=.nan", "optimizer.grad_clip: expected a finite number, got nan"),
+    ("model.init_std=-.inf", "model.init_std: expected a finite number, got -inf"),
+    ("train.seed=-1", "train.seed: must be in [0, 2**32), got -1"),
+    ("train.steps=[1, {a: 2}]", "train.steps: expected int, got [1, {'a': 2}]"),
+    ("train.steps={", "--set train.steps: invalid YAML"),
+])
+def test_bad_values_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict(yaml.safe_load(_demo_text()), [override])
+
+
+def test_a_huge_value_gives_a_short_message():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(yaml.safe_load(_demo_text()), ["train.steps=" + "x" * 100_000])
+    assert len(str(err.value)) < 300

@@ -1,0 +1,86 @@
+"""Faults a careless or hostile user runs into, each turned into a clear outcome (no hang, nothing lost)."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
+from lucid_megatron.data.tokenizer import ByteTokenizer
+from lucid_megatron.train.metrics import MetricsLogger
+
+from .runs import metrics, run_train, train_command, train_env, train_records, write_config
+
+
+def test_a_torn_metrics_line_does_not_block_resume(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "lo')  # cut mid-write
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, progress=False, total_steps=10, start_step=3)
+    logger.log(4, {"loss": 0.5})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 1 / 3},
+                       {"step": 4, "loss": 0.5}]
+
+
+# ---- runs of `lucid train` -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    dataset = root / "synth"
+    write_synth_dataset(dataset, RetrievalTask(min_len=40, max_len=64, num_needles=1, num_queries=1),
+                        train_docs=600, valid_docs=40, docs_per_shard=50, seed=0, tokenizer=ByteTokenizer())
+    return write_config(root, dataset)
+
+
+def _wait_for_step(run_dir, step, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and max(train_records(run_dir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never reached step {step} (exit {proc.poll()})")
+
+
+def test_a_second_run_in_the_same_run_dir_is_refused(config, tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(train_command(config, run_dir, overrides=["train.steps=400"]), env=train_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_step(run_dir, 1, first)
+        second = run_train(config, run_dir, overrides=["train.steps=400"], resume="auto", expect_ok=False, timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"{run_dir} is in use by another run (pid {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-3000:]
+    steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
+    assert steps == sorted(set(steps))  # nothing logged twice
+
+
+def test_bad_launch_values_fail_before_any_process_starts(config, tmp_path):
+    not_a_checkpoint = tmp_path / "empty"
+    not_a_checkpoint.mkdir()
+    cases = [
+        (dict(nproc=0), "--nproc-per-node: must be >= 1, got 0"),
+        (dict(overrides=[f"checkpoint.init_from={not_a_checkpoint}"]),
+         f"checkpoint.init_from: '{not_a_checkpoint}' is not a complete checkpoint (no COMPLETE file) and holds none"),
+    ]
+    for kwargs, message in cases:
+        result = run_train(config, tmp_path / "run", expect_ok=False, timeout=120, **kwargs)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / "run").exists()
+
+
+def test_resuming_into_other_shapes_names_the_fields(config, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(config, run_dir, overrides=["train.steps=2"])
+    result = run_train(config, run_dir, overrides=["train.steps=4", "model.hidden_size=96", "model.num_layers=3"],
+                       resume="auto", expect_ok=False, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "holds a model of other shapes than the config (model.num_layers: config 3, checkpoint 2; " \
+           "model.hidden_size: config 96, checkpoint 64)" in result.stderr
