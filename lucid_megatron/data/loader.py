@@ -116,7 +116,8 @@ class TrainRows(IterableDataset):
                 continue  # another rank's stream: never read here
             counts = [info.shard_documents[i] for i in dealt[s]] if info.shard_documents else None
             self.streams[s] = ShardStream(s, num_streams, [paths[i] for i in dealt[s]], counts, seed=seed,
-                                          shuffle=shuffle_shards, one_pass=one_pass, on_bad_shard=on_bad_shard)
+                                          shuffle=shuffle_shards, one_pass=one_pass, on_bad_shard=on_bad_shard,
+                                          vocab_size=int(manifest.tokenizer["vocab_size"]))
             saved = state.get(str(s))
             self.start[s] = fresh_state(num_streams) if saved is None else check_state(saved, s, num_streams,
                                                                                         len(dealt[s]))

@@ -251,7 +251,7 @@ def _load_npy(path, key, member, data, dtype) -> np.ndarray:
     return array
 
 
-def _documents(path: Path, start: int, expected: int | None):
+def _documents(path: Path, start: int, expected: int | None, vocab_size: int | None):
     try:
         stream = open(path, "rb")
     except OSError as err:
@@ -264,6 +264,10 @@ def _documents(path: Path, start: int, expected: int | None):
         if "tokens.npy" not in members:
             raise ShardError(f"shard {path}: document {key} has no tokens.npy")
         tokens = _load_npy(path, key, "tokens.npy", members["tokens.npy"], np.int32)
+        if vocab_size is not None and len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+            raise ShardError(f"shard {path}: document {key}: token id {bad} is outside the tokenizer's "
+                             f"vocabulary [0, {vocab_size})")
         mask = None
         if "mask.npy" in members:
             mask = _load_npy(path, key, "mask.npy", members["mask.npy"], np.uint8)
@@ -296,17 +300,19 @@ def _documents(path: Path, start: int, expected: int | None):
                          "(truncated at a document boundary?)")
 
 
-def iter_shard_documents(path, *, on_bad_shard: str = "error", start: int = 0, expected_documents: int | None = None):
+def iter_shard_documents(path, *, on_bad_shard: str = "error", start: int = 0, expected_documents: int | None = None,
+                         vocab_size: int | None = None):
     """Stream ``(tokens int32, mask uint8 | None)`` for each document of one shard.
 
     ``start`` skips that many leading documents; ``expected_documents`` (from the manifest) turns a
-    short shard into an error. A missing or corrupt shard raises ShardError naming the file, or with
+    short shard into an error; ``vocab_size`` (the manifest's tokenizer) turns an out-of-vocabulary
+    token id into an error. A missing or corrupt shard raises ShardError naming the file, or with
     ``on_bad_shard="skip"`` warns and yields nothing more from it.
     """
     if on_bad_shard not in ("error", "skip"):
         raise ValueError(f"on_bad_shard={on_bad_shard!r} is not allowed; allowed: 'error', 'skip'")
     try:
-        yield from _documents(Path(path), start, expected_documents)
+        yield from _documents(Path(path), start, expected_documents, vocab_size)
     except ShardError as err:
         if on_bad_shard == "error":
             raise

@@ -53,8 +53,9 @@ class ShardStream:
     """One virtual stream: its shards, their per-epoch order, and the rows they pack into."""
 
     def __init__(self, stream: int, num_streams: int, paths: list[Path], shard_documents: list[int] | None, *,
-                 seed: int, shuffle: bool, one_pass: bool, on_bad_shard: str):
+                 seed: int, shuffle: bool, one_pass: bool, on_bad_shard: str, vocab_size: int | None = None):
         self.stream, self.num_streams = stream, num_streams
+        self.vocab_size = vocab_size
         self.paths, self.shard_documents = paths, shard_documents
         self.seed, self.shuffle, self.one_pass, self.on_bad_shard = seed, shuffle, one_pass, on_bad_shard
 
@@ -73,7 +74,7 @@ class ShardStream:
                 first = doc if position == shard else 0
                 expected = self.shard_documents[i] if self.shard_documents else None
                 found = iter_shard_documents(self.paths[i], on_bad_shard=self.on_bad_shard, start=first,
-                                             expected_documents=expected)
+                                             expected_documents=expected, vocab_size=self.vocab_size)
                 for k, (tokens, mask) in enumerate(found, start=first):
                     produced = True
                     yield {"epoch": epoch, "shard": position, "doc": k}, tokens, mask

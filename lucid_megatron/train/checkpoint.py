@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -30,6 +31,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+import yaml
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -172,7 +174,73 @@ class Checkpointer:
             load_lr_scheduler_states=False, load_module_strict=True,
         )
         rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))  # tensors only: a crafted file cannot run code
+
+
+# The only classes DeepSpeed's own state files may name (its loader unpickles them without restriction):
+# checked before DeepSpeed reads a file, so a crafted file is refused instead of executed.
+DEEPSPEED_PICKLE_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def checkpoint_problem(path: Path, rank: int) -> str | None:
+    """Why this rank cannot resume from ``path`` (None: complete, intact and safe as far as can be read).
+
+    Reads every small file whole and checks the large ones' structure: state.json and model.yaml parse;
+    each model shard is as long as the index says; this rank's RNG file loads as plain tensors; every
+    DeepSpeed file is a readable archive whose pickled classes are all in DEEPSPEED_PICKLE_GLOBALS.
+    """
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return "state.json has no step"
+        if (path / "model.yaml").exists():
+            yaml.safe_load((path / "model.yaml").read_text())
+        problem = _model_shards_problem(path / "model")
+        if problem:
+            return problem
+        rng = path / "rng" / f"rank_{rank}.pt"
+        if rng.exists():
+            torch.load(rng, weights_only=True)
+        for file in sorted((path / "deepspeed").rglob("*.pt")):
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(file))) - DEEPSPEED_PICKLE_GLOBALS
+            if unsafe:
+                return f"{file.relative_to(path)} names classes outside DeepSpeed's state ({', '.join(sorted(unsafe))}): refused"
+    except FileNotFoundError as err:
+        return f"{err.filename or err} is missing"
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, yaml.YAMLError) as err:
+        where = getattr(err, "filename", None)
+        return f"unreadable{' ' + str(where) if where else ''}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
+def _model_shards_problem(model_dir: Path) -> str | None:
+    """Each file of the distributed checkpoint must reach the end of the last item the index places in it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(model_dir)).read_metadata()
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (model_dir / name).stat().st_size
+        if size < end:
+            return f"model/{name} is truncated ({size} bytes, the index needs {end})"
+    return None
+
+
+def nonfinite_weights(engine) -> bool:
+    """True if any weight held by this rank is NaN or infinite (under ZeRO-3: this rank's partitions)."""
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", None) if engine.zero_optimization_stage() == 3 else p
+        if local is not None and local.numel() and not torch.isfinite(local).all():
+            return True
+    return False
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -8,6 +8,7 @@ exit path, :meth:`Trainer.train_step`, :meth:`Trainer.evaluate` and :meth:`Train
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from lucid_megatron.data.tokenizer import ByteTokenizer
 from lucid_megatron.runtime import start_runtime, stop_runtime
 from lucid_megatron.runtime.parallelize import EngineOptions, build_engine, build_model, params_dtype
 
-from .checkpoint import Checkpointer, resolve_checkpoint
+from .checkpoint import Checkpointer, checkpoint_problem, nonfinite_weights, resolve_checkpoint
 from .engine import StepResult, evaluate, rows_digest, train_step
 from .metrics import MetricsLogger
 from .run_lock import RunDirLock
@@ -71,6 +72,22 @@ def _gather_stream_states(local: dict) -> dict:
     return merged
 
 
+def _weights_loader(path: Path):
+    """Load a checkpoint's weights into a model; a failure names the checkpoint (DCP raises BaseException)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def load(model) -> None:
+        try:
+            Checkpointer.load_weights(path, model)
+        except (Exception, CheckpointException) as err:
+            raise TrainingStopped(
+                f"loading the weights of {path} failed ({type(err).__name__}: {str(err)[:300]}); resume from an "
+                "earlier checkpoint with --resume PATH"
+            ) from err
+
+    return load
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None):
         self.cfg = cfg
@@ -105,18 +122,16 @@ class Trainer:
             )
 
         self.checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last)
-        resume_path = self.checkpoints.latest() if self.resume == "auto" else (Path(self.resume) if self.resume else None)
-        state = {}
+        resume_path = self._resume_point()
+        state, load = {}, None
         if resume_path is not None:
             _say(f"resuming from {resume_path}")
             state = Checkpointer.read_state(resume_path)
-            load = lambda model: Checkpointer.load_weights(resume_path, model)  # noqa: E731
+            load = _weights_loader(resume_path)
         elif cfg.checkpoint.init_from:
             source = resolve_checkpoint(cfg.checkpoint.init_from)
             _say(f"initialising weights from {source}")
-            load = lambda model: Checkpointer.load_weights(source, model)  # noqa: E731
-        else:
-            load = None
+            load = _weights_loader(source)
 
         self.grad_accum = gradient_accumulation_steps(cfg, self.layout)
         model = build_model(self.runtime, cfg.model, cfg.parallel, precision=cfg.train.precision,
@@ -156,6 +171,39 @@ class Trainer:
         )
         self.metrics.static(self.start_step, self.layout_record)
         self.model_yaml = yaml.safe_dump(to_dict(cfg.model), sort_keys=False)
+
+    def _resume_point(self) -> Path | None:
+        """The checkpoint to resume: ``--resume PATH``, or with ``auto`` the newest complete one that every
+        rank can read (damaged or unsafe ones are skipped, saying why); None to start afresh."""
+        if self.resume is None:
+            return None
+        explicit = self.resume != "auto"
+        candidates = [Path(self.resume)] if explicit else self.checkpoints.complete_checkpoints()[::-1]
+        skipped = []
+        for path in candidates:
+            problems = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, checkpoint_problem(path, dist.get_rank()))
+            problem = next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
+            if problem is None:
+                return path
+            _say(f"skipping checkpoint {path}: {problem}")
+            skipped.append(f"{path.name} ({problem})")
+        if skipped:
+            raise TrainingStopped(
+                f"no checkpoint can be resumed: {'; '.join(skipped)}. Fix or remove them (or start a new --run-dir)"
+            )
+        return None
+
+    def _check_weights_finite(self, step: int, what: str) -> None:
+        """Stop, publishing nothing, if an update made any weight NaN or infinite (collective)."""
+        if not self.runtime.any_rank(nonfinite_weights(self.engine)):
+            return
+        write_status(self.run_dir, "failed", step)
+        raise TrainingStopped(
+            f"the weights are not finite after step {step} ({what}); nothing was saved. The last good checkpoint "
+            f"is {self.checkpoints.latest()} (resume with --resume auto). Lower optimizer.lr or keep "
+            "optimizer.grad_clip > 0."
+        )
 
     def _ensure_dataset(self) -> None:
         """Rank 0 writes the synthetic dataset when configured and missing; the others wait."""
@@ -198,6 +246,9 @@ class Trainer:
                 "step_time_s": elapsed, "memory_gib": _memory_gib(self.runtime.device),
                 "nonfinite_steps": self.nonfinite_total, "skipped": result.skipped, "data_digest": digest,
             })
+        if not result.skipped:  # after the metrics line: the step's finite loss is on record
+            self._check_weights_finite(step, "the update overflowed" + (" although the loss was finite"
+                                                                        if math.isfinite(result.loss) else ""))
         return result
 
     def evaluate(self, step: int) -> None:
@@ -218,6 +269,7 @@ class Trainer:
         """Checkpoint ``step`` (collective), unless it was just saved."""
         if self.last_saved is not None and self.last_saved[0] == step:
             return self.last_saved[1]
+        self._check_weights_finite(step, "not saving a checkpoint of them")
         state = {
             "layout": self.layout_record,
             "data": _gather_stream_states(self.stream_states),

@@ -17,7 +17,7 @@ from lucid_megatron.data import (
     ShardError, check_layout, iter_shard_documents, make_eval_loader, make_train_loader, read_manifest,
 )
 
-from .common import reference_rows, small_synth
+from .common import reference_rows, small_synth, write_documents
 
 S, SEQ, GBS, MBS, SEED = 8, 64, 16, 2, 3
 PAD = 258
@@ -263,3 +263,14 @@ def test_layout_and_state_errors(dataset, tmp_path):
     with pytest.raises(ValueError, match="loss_tokens='answer' needs answer masks"):
         make_train_loader(tmp_path / "prepared", seq_length=SEQ, micro_batch_size=1, dp_rank=0, dp_size=1,
                           num_streams=1, num_workers=0, seed=0, loss_tokens="answer")
+
+
+def test_out_of_vocabulary_token_ids_are_named(tmp_path):
+    """A shard whose ids exceed the tokenizer (300 with 259 byte tokens) stops the loader at once, naming it."""
+    write_documents(tmp_path / "ds", [[5] * 50, [7] * 20 + [300] + [7] * 20, [9] * 40, [1] * 30], docs_per_shard=2)
+    loader = make_train_loader(tmp_path / "ds", seq_length=32, micro_batch_size=1, dp_rank=0, dp_size=1,
+                               num_streams=1, num_workers=0, seed=0, shuffle_shards=False)
+    with pytest.raises(ShardError, match=r"train-000000\.tar: document 000000001: token id 300 is outside the "
+                                         r"tokenizer's vocabulary \[0, 259\)"):
+        for _ in range(10):
+            next(loader)

@@ -1,11 +1,15 @@
 """Faults a careless or hostile user runs into, each turned into a clear outcome (no hang, nothing lost)."""
 
 import json
+import math
+import os
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
+import torch
 
 from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
 from lucid_megatron.data.tokenizer import ByteTokenizer
@@ -84,3 +88,87 @@ def test_resuming_into_other_shapes_names_the_fields(config, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "holds a model of other shapes than the config (model.num_layers: config 3, checkpoint 2; " \
            "model.hidden_size: config 96, checkpoint 64)" in result.stderr
+
+
+# ---- damaged, unsafe and poisoned checkpoints ------------------------------------------------------
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: loading it with plain pickle would run the command."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(config, tmp_path_factory):
+    """A run with checkpoints at steps 2 and 4 (and its losses), to damage copies of."""
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    run_train(config, run_dir, overrides=["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=3"])
+    return run_dir
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGES = {
+    "truncated model shard": (lambda step, marker: _truncate(sorted((step / "model").glob("*.distcp"))[0]),
+                              "model/__0_0.distcp is truncated"),
+    "truncated optimizer file": (lambda step, marker: _truncate(next((step / "deepspeed").rglob("*.pt"))),
+                                 "unreadable"),
+    "empty state.json": (lambda step, marker: (step / "state.json").write_text(""), "JSONDecodeError"),
+    "crafted RNG file": (lambda step, marker: torch.save({"cpu": _RunsCode(f"touch {marker}")}, step / "rng" / "rank_0.pt"),
+                         "UnpicklingError"),
+    "crafted DeepSpeed file": (
+        lambda step, marker: torch.save({"x": _RunsCode(f"touch {marker}")}, next((step / "deepspeed").rglob("*.pt"))),
+        "names classes outside DeepSpeed's state (posix.system): refused"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_or_unsafe_latest_checkpoint_is_skipped(config, two_checkpoints, tmp_path, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    marker = tmp_path / "code-ran"
+    make_damage, reason = DAMAGES[damage]
+    make_damage(run_dir / "checkpoints" / "step_00000004", marker)
+    result = run_train(config, run_dir, overrides=["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=3"],
+                       resume="auto")
+    assert f"skipping checkpoint {run_dir}/checkpoints/step_00000004: rank 0: " in result.stdout
+    assert reason in result.stdout, result.stdout[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/step_00000002" in result.stdout
+    assert not marker.exists()  # nothing in the crafted files ran
+    want, got = train_records(two_checkpoints), train_records(run_dir)
+    assert [got[s]["loss"] for s in (3, 4)] == [want[s]["loss"] for s in (3, 4)]  # the exact continuation
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+def _explode_adam_moments(step_dir):
+    """Blow up the first moments in a (ZeRO-0) checkpoint: the next update overflows while its loss is finite."""
+    path = next((step_dir / "deepspeed").rglob("mp_rank_00_model_states.pt"))
+    state = torch.load(path, weights_only=False)  # our own test checkpoint
+    for moments in state["optimizer"]["state"].values():
+        moments["exp_avg"].fill_(3e38)
+        moments["exp_avg_sq"].zero_()
+    torch.save(state, path)
+
+
+def test_non_finite_weights_stop_the_run_and_are_never_saved(config, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["train.steps=6", "checkpoint.interval=1", "checkpoint.keep_last=2"]
+    run_train(config, run_dir, overrides=common + ["train.stop_at_step=2"])
+    _explode_adam_moments(run_dir / "checkpoints" / "step_00000002")
+    result = run_train(config, run_dir, overrides=common, resume="auto", expect_ok=False)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    records = train_records(run_dir)
+    assert max(records) == 3 and math.isfinite(records[3]["loss"])  # the loss of the poisoning step was finite
+    assert "the weights are not finite after step 3" in result.stderr
+    assert f"The last good checkpoint is {run_dir}/checkpoints/step_00000002" in result.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
