@@ -45,6 +45,9 @@ def add_arguments(parser) -> None:
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--max-kl", type=float, default=1e-9, help="fail above this KL(megatron || hf) per token")
     verify.add_argument("--max-abs", type=float, default=1e-4, help="fail above this max |logit difference|")
+    verify.add_argument("--trust-remote-code", action="store_true",
+                        help="run the directory's own Python code (its auto_map); only for directories you trust. "
+                             "Without it LUCID exports load with this package's classes")
 
 
 def _fail(message: str) -> int:
@@ -119,7 +122,7 @@ def from_hf(args) -> int:
 
 
 def compare_logits(checkpoint, hf_dir, *, batches: int = 4, batch_size: int = 2, seq_len: int = 128,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, trust_remote_code: bool = False) -> dict:
     """Logits of a Megatron checkpoint and a Hugging Face directory on the same random tokens, both in
     float32 on this process's device: max |logit difference|, KL(megatron || hf) per token, top-1 agreement."""
     from transformers import AutoModelForCausalLM
@@ -133,7 +136,8 @@ def compare_logits(checkpoint, hf_dir, *, batches: int = 4, batch_size: int = 2,
     worst_abs, worst_kl, kl_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
     with megatron_io.single_process() as runtime, torch.no_grad():
         model = megatron_io.build_megatron_model(checkpoint, cfg, runtime)
-        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code,
+                                                  dtype=torch.float32)
         hf = hf.to(runtime.device).eval()
         for _ in range(batches):
             tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(runtime.device)
@@ -154,7 +158,7 @@ def compare_logits(checkpoint, hf_dir, *, batches: int = 4, batch_size: int = 2,
 
 def verify(args) -> int:
     r = compare_logits(args.checkpoint, args.hf_dir, batches=args.batches, batch_size=args.batch_size,
-                       seq_len=args.seq_len, seed=args.seed)
+                       seq_len=args.seq_len, seed=args.seed, trust_remote_code=args.trust_remote_code)
     ok = r["max_kl"] <= args.max_kl and r["max_abs_logit_diff"] <= args.max_abs
     print(f"{r['tokens']} tokens ({args.batches} x {args.batch_size} x {args.seq_len}) on {r['device']}, "
           f"Megatron {r['checkpoint']} vs HF {args.hf_dir}")

@@ -31,6 +31,8 @@ def add_arguments(parser) -> None:
     niah.add_argument("--checkpoint", action="append", default=[], help="Megatron checkpoint (repeatable)")
     niah.add_argument("--hf", action="append", default=[], help="Hugging Face model directory (repeatable)")
     niah.add_argument("--label", action="append", default=[], help="names for the models, in the order given")
+    niah.add_argument("--trust-remote-code", action="store_true",
+                      help="let --hf directories run their own Python code (auto_map); only for directories you trust")
     niah.add_argument("--lengths", type=int, nargs="+", required=True)
     niah.add_argument("--needles", type=int, default=1, help="key -> value pairs per document")
     niah.add_argument("--queries", type=int, default=1, help="how many are asked (the others are distractors)")
@@ -108,7 +110,7 @@ def _niah(args) -> int:
         if kind == "hf":
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 return _fail("Hugging Face models are evaluated in one process")
-            scorer = HFScorer(path)
+            scorer = HFScorer(path, trust_remote_code=args.trust_remote_code)
         else:
             scorer = MegatronScorer(path, tp=args.tensor_parallel_size, cp=args.context_parallel_size,
                                     cp_comm_type=args.cp_comm_type)

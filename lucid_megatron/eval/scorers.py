@@ -122,12 +122,13 @@ class MegatronScorer:
 
 
 class HFScorer:
-    """A Hugging Face model directory (loaded with trust_remote_code), one process."""
+    """A Hugging Face model directory, one process. Its own code (auto_map) runs only with ``trust_remote_code``;
+    LUCID exports load without it, through the classes this package registers."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True,
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code,
                                                           dtype=torch.float32).eval()
         self.vocab_size = self.model.config.vocab_size
 

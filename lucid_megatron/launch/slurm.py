@@ -39,6 +39,18 @@ class SlurmJob:
     sbatch_args: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
+        # Every string below lands in the script (#SBATCH lines are read up to the first non-comment line):
+        # a newline or other control character would end the header or inject a command.
+        texts = {"--job-name": self.job_name, "--partition": self.partition, "--account": self.account,
+                 "--qos": self.qos, "--time": self.time, "--run-dir": str(self.run_dir), "CONFIG": self.config}
+        texts.update({f"--sbatch-arg[{i}]": arg for i, arg in enumerate(self.sbatch_args)})
+        for name, text in texts.items():
+            bad = next((c for c in text or "" if ord(c) < 32 or ord(c) == 127), None)
+            if bad is not None:
+                raise ValueError(f"{name} {text!r} contains the control character {bad!r}; not allowed in a job script")
+        for i, arg in enumerate(self.sbatch_args):
+            if not arg.startswith("-"):
+                raise ValueError(f"--sbatch-arg[{i}] {arg!r} must be an sbatch option such as --mem=64G")
         for name in ("nodes", "nproc_per_node", "signal_seconds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -1,11 +1,14 @@
 """The exported directory loads with trust_remote_code where lucid_megatron cannot be imported."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import torch
 from transformers import AutoModelForCausalLM
+
+from .conftest import convert
 
 # Runs in a fresh interpreter whose import system refuses lucid_megatron (and megatron/deepspeed, which a
 # machine with only torch + transformers + safetensors would not have either).
@@ -42,3 +45,34 @@ def test_loads_without_lucid_megatron(exported, tmp_path):
     with torch.no_grad():
         want = model(tokens, use_cache=False).logits
     assert (torch.tensor(out["logits"]) - want).abs().max().item() < 1e-5
+
+
+def _foreign_directory(exported, tmp_path):
+    """A copy of a LUCID export whose config points at code of its own (auto_map) that leaves a marker."""
+    foreign = tmp_path / "foreign"
+    shutil.copytree(exported, foreign)
+    marker = tmp_path / "foreign-code-ran"
+    (foreign / "evil_config.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import PretrainedConfig\n\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    )
+    config = json.loads((foreign / "config.json").read_text())
+    config["model_type"] = "evil"
+    config["auto_map"] = {"AutoConfig": "evil_config.EvilConfig", "AutoModelForCausalLM": "evil_config.EvilConfig"}
+    (foreign / "config.json").write_text(json.dumps(config))
+    return foreign, marker
+
+
+def test_no_code_from_a_directory_runs_without_trust_remote_code(run_tp1, exported, tmp_path):
+    foreign, marker = _foreign_directory(exported, tmp_path)
+    verify = convert("verify", run_tp1, foreign, "--batches", "1", "--seq-len", "16", expect_ok=False)
+    niah = subprocess.run([sys.executable, "-m", "lucid_megatron", "eval", "niah", "--hf", str(foreign), "--lengths",
+                           "256", "--num-samples", "1"], capture_output=True, text=True, timeout=600)
+    for result in (verify, niah):
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "trust_remote_code" in result.stderr
+    assert not marker.exists()
+    # the project's own export needs no remote code: it loads through the registered LUCID classes
+    report = convert("verify", run_tp1, exported, "--batches", "1", "--seq-len", "16")
+    assert "PASS" in report.stdout

@@ -180,6 +180,13 @@ def test_dry_run_renders_a_multi_node_gpu_job(tmp_path):
         (["--nodes", "2", "--gpus-per-node", "8", "--nproc-per-node", "4"], "must equal --gpus-per-node (8)"),
         (["--nodes", "1", "--nproc-per-node", "3"], "global_batch_size: 16 is not divisible by micro_batch_size x data_parallel (4 x 3)"),
         (["--time", "two hours"], "--time 'two hours' is not a SLURM time"),
+        # strings with a newline would end the #SBATCH header or inject a command into the job script
+        (["--job-name", "x\nrm -rf ~"], "--job-name 'x\\nrm -rf ~' contains the control character '\\n'"),
+        (["--partition", "gpu\n#SBATCH --qos=top"], "--partition 'gpu\\n#SBATCH --qos=top' contains the control"),
+        (["--account", "a\rb"], "--account 'a\\rb' contains the control character '\\r'"),
+        (["--qos", "q\tb"], "--qos 'q\\tb' contains the control character '\\t'"),
+        (["--sbatch-arg=--mem=1G\ntouch /tmp/owned"], "--sbatch-arg[0] '--mem=1G\\ntouch /tmp/owned' contains"),
+        (["--sbatch-arg=exclusive"], "--sbatch-arg[0] 'exclusive' must be an sbatch option"),
     ],
 )
 def test_bad_launches_are_refused_before_submitting(tmp_path, args, message):
@@ -188,3 +195,13 @@ def test_bad_launches_are_refused_before_submitting(tmp_path, args, message):
          "--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=120,
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_a_run_dir_with_a_newline_is_refused(tmp_path):
+    run_dir = tmp_path / "run\n#SBATCH --exclusive"
+    result = subprocess.run(
+        [sys.executable, "-m", "lucid_megatron", "launch", "slurm", CONFIG, "--run-dir", str(run_dir), "--dry-run"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2 and "--run-dir" in result.stderr and "contains the control character '\\n'" in \
+        result.stderr, result.stderr
