@@ -112,10 +112,14 @@ class TrainSection:
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     # Save and exit after this step (like Megatron-LM's --exit-interval); continue with --resume auto.
     stop_at_step: int | None = None
+    # A collective that waits longer than this fails, naming the rank and the phase (a hang becomes an error).
+    collective_timeout_s: float = 600.0
 
     def validate(self) -> None:
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"collective_timeout_s: must be > 0, got {self.collective_timeout_s}")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(f"stop_at_step: must be >= 1 or null, got {self.stop_at_step}")
         for name in ("steps", "global_batch_size", "seq_length", "micro_batch_size", "max_nonfinite_steps"):
@@ -158,10 +162,15 @@ class LoggingConfig:
 @dataclasses.dataclass
 class LaunchConfig:
     nproc_per_node: int = 1  # processes `lucid train` starts (through torchrun) when not under one
+    # After forwarding SIGTERM to its workers, `lucid train` waits this long for them to save and exit,
+    # then kills them (SIGKILL) and says so: a stuck worker cannot keep the job alive.
+    stop_grace_s: float = 300.0
 
     def validate(self) -> None:
         if self.nproc_per_node < 1:
             raise ConfigError(f"nproc_per_node: must be >= 1, got {self.nproc_per_node}")
+        if not self.stop_grace_s > 0:
+            raise ConfigError(f"stop_grace_s: must be > 0, got {self.stop_grace_s}")
 
 
 @dataclasses.dataclass

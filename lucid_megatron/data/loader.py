@@ -38,6 +38,18 @@ class MicroBatch:
     # they never copy boundaries back from the device)
     cu_seqlens_host: tuple[int, ...] | None = None
 
+    @classmethod
+    def padding(cls, num_rows: int, seq_length: int, pad_id: int) -> "MicroBatch":
+        """Rows of padding with loss weight 0: a forward pass that contributes nothing (for ranks that ran
+        out of validation rows, while the others still need them in ZeRO-3's collective weight gathers)."""
+        total = num_rows * seq_length
+        return cls(
+            tokens=torch.full((1, total), pad_id, dtype=torch.int64), labels=torch.full((1, total), pad_id, dtype=torch.int64),
+            loss_weight=torch.zeros(1, total), position_ids=torch.arange(seq_length).repeat(num_rows).unsqueeze(0),
+            cu_seqlens=torch.arange(0, total + 1, seq_length, dtype=torch.int32), max_seqlen=seq_length,
+            num_rows=num_rows, stream_states={},
+        )
+
     def to(self, device) -> "MicroBatch":
         """The same micro-batch with its tensors on ``device`` (boundaries kept on the host too)."""
         host = self.cu_seqlens_host

@@ -84,7 +84,8 @@ def _run_local(args) -> int:
         preflight(cfg, run_dir, args.resume, args.nproc_per_node)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         return _fail(str(err))
-    return run_torchrun(args.nproc_per_node, train_arguments(args.config, run_dir, args.overrides, args.resume))
+    return run_torchrun(args.nproc_per_node, train_arguments(args.config, run_dir, args.overrides, args.resume),
+                        stop_grace_s=cfg.launch.stop_grace_s)
 
 
 def _run_slurm(args) -> int:

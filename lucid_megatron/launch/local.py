@@ -6,10 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import psutil
 
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def train_arguments(config: str, run_dir: str, overrides: list[str], resume: str | None) -> list[str]:
@@ -21,16 +22,32 @@ def train_arguments(config: str, run_dir: str, overrides: list[str], resume: str
     return args
 
 
-def run_torchrun(nproc_per_node: int, arguments: list[str]) -> int:
+def run_torchrun(nproc_per_node: int, arguments: list[str], *, stop_grace_s: float = 300.0) -> int:
     """``torchrun --standalone --nproc-per-node N -m lucid_megatron ARGUMENTS``; returns its exit code.
 
-    SIGTERM/SIGUSR1 sent to this process go to torchrun's worker processes, which save a checkpoint
-    and exit 0 (torchrun itself would stop the workers on SIGTERM instead of letting them save).
+    SIGTERM/SIGUSR1/SIGINT sent to this process go to torchrun's worker processes, which save a checkpoint
+    and exit 0 (torchrun itself would stop the workers on SIGTERM instead of letting them save). After
+    SIGTERM or SIGINT the workers get ``stop_grace_s`` seconds; then the whole tree is killed (SIGKILL),
+    saying so, so that a worker stuck in a collective cannot keep the job alive.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc_per_node}", "-m", "lucid_megatron", *arguments]
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     proc = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS=threads))
+    deadline: list[threading.Timer] = []
+
+    def kill_tree():
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        except psutil.NoSuchProcess:
+            return
+        print(f"lucid: the workers did not stop within {stop_grace_s:g} s of the stop signal "
+              "(launch.stop_grace_s); killing them (SIGKILL)", file=sys.stderr, flush=True)
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
     def forward(signum, frame):
         try:
@@ -42,10 +59,16 @@ def run_torchrun(nproc_per_node: int, arguments: list[str]) -> int:
                 worker.send_signal(signum)
             except psutil.NoSuchProcess:
                 pass
+        if signum in (signal.SIGTERM, signal.SIGINT) and not deadline:
+            deadline.append(threading.Timer(stop_grace_s, kill_tree))
+            deadline[0].daemon = True
+            deadline[0].start()
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
         return proc.wait()
     finally:
+        for timer in deadline:
+            timer.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -18,7 +18,7 @@ def initialize_parallel(
     context_parallel_size: int = 1,
     *,
     seed: int = 1234,
-    timeout_minutes: int = 10,
+    timeout_minutes: float = 10,
 ) -> None:
     """Initialise the default process group (if needed), Megatron's groups and the RNG streams.
 

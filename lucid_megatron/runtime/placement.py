@@ -8,6 +8,7 @@ device-to-host copy per call, the only synchronisation the bookkeeping needs).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -35,6 +36,7 @@ class Runtime:
     tensor_parallel: int
     context_parallel: int
     sequence_parallel: bool = False
+    collective_timeout_s: float = 600.0
 
     @property
     def world_size(self) -> int:
@@ -107,6 +109,25 @@ class Runtime:
             values = self.tensor([float(flag)])
         return bool(self.host(self.all_reduce(values, op=dist.ReduceOp.MAX))[0])
 
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Name what the ranks are doing: a collective that times out (or loses a peer) inside becomes a
+        :class:`CollectiveTimeout` naming this rank and ``name``. (gloo raises on the timeout; NCCL's watchdog
+        aborts the process instead, and torchrun then names the failed rank.)"""
+        try:
+            yield
+        except Exception as err:
+            text = str(err)
+            timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+            if not (isinstance(err, dist.DistError) or timed_out or "gloo" in text or "NCCL" in text):
+                raise
+            what = (f"a collective did not complete within {self.collective_timeout_s:g} s (train.collective_timeout_s)"
+                    if timed_out else "a collective failed")
+            raise CollectiveTimeout(
+                f"rank {dist.get_rank()}: {name}: {what}; another rank is stuck or gone "
+                f"({type(err).__name__}: {text.splitlines()[0][:200] if text else ''})"
+            ) from err
+
     @staticmethod
     def host(values: torch.Tensor) -> list:
         """Values of a device tensor as a Python list: the bookkeeping's one device-to-host read."""
@@ -127,8 +148,13 @@ def packed_seq_params(micro_batch) -> PackedDocuments:
     )
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete in time; the message names the rank and what it was doing."""
+
+
 def start_runtime(tensor_parallel: int = 1, context_parallel: int = 1, *, sequence_parallel: bool = False,
-                  seed: int = 1234, device: torch.device | None = None) -> Runtime:
+                  seed: int = 1234, device: torch.device | None = None,
+                  collective_timeout_s: float = 600.0) -> Runtime:
     """Process groups (NCCL on GPU, gloo on CPU), Megatron's TP/CP/DP groups, seeds, and the device.
 
     ``device`` defaults to :func:`default_device`; the current CUDA device is set to it before any
@@ -137,8 +163,8 @@ def start_runtime(tensor_parallel: int = 1, context_parallel: int = 1, *, sequen
     device = default_device() if device is None else torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    initialize_parallel(tensor_parallel, context_parallel, seed=seed)
-    return Runtime(device, tensor_parallel, context_parallel, sequence_parallel)
+    initialize_parallel(tensor_parallel, context_parallel, seed=seed, timeout_minutes=collective_timeout_s / 60)
+    return Runtime(device, tensor_parallel, context_parallel, sequence_parallel, collective_timeout_s)
 
 
 def stop_runtime() -> None:

@@ -130,15 +130,17 @@ def run(args) -> int:
             return _fail(str(err))
 
     if under_torchrun or nproc == 1:
+        from lucid_megatron.runtime import CollectiveTimeout
         from lucid_megatron.train.run_lock import RunDirBusy
         from lucid_megatron.train.trainer import TrainingStopped, run_training
 
         try:
             return run_training(cfg, run_dir, args.resume)
-        except (TrainingStopped, RunDirBusy) as err:
+        except (TrainingStopped, RunDirBusy, CollectiveTimeout) as err:
             print(f"lucid train: stopped: {err}", file=sys.stderr, flush=True)
             return 1
 
     from lucid_megatron.launch.local import run_torchrun, train_arguments
 
-    return run_torchrun(nproc, train_arguments(args.config, run_dir, args.overrides, args.resume))
+    return run_torchrun(nproc, train_arguments(args.config, run_dir, args.overrides, args.resume),
+                        stop_grace_s=cfg.launch.stop_grace_s)

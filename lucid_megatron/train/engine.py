@@ -16,6 +16,7 @@ import dataclasses
 import zlib
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from lucid_megatron.runtime import Runtime
@@ -73,15 +74,19 @@ def train_step(engine, runtime: Runtime, micro_batches: list, lr: float) -> Step
 
 
 @torch.no_grad()
-def evaluate(engine, runtime: Runtime, micro_batches) -> tuple[float, int]:
+def evaluate(engine, runtime: Runtime, micro_batches, padding) -> tuple[float, int]:
     """Weighted mean loss over this rank's (placed) share of the validation rows, reduced over DP x CP.
 
-    Every rank must call it (it ends in a collective), also a rank that has no validation rows.
+    Every rank runs the same number of forward passes, topping up with ``padding`` (a placed micro-batch of
+    loss weight 0) where it has fewer rows: under ZeRO-3 each forward gathers the weights collectively, so a
+    rank that ran out of rows would leave the others waiting forever.
     """
+    batches = list(micro_batches)
+    count = int(runtime.host(runtime.all_reduce(runtime.tensor([len(batches)]), op=dist.ReduceOp.MAX))[0])
     was_training = engine.module.training
     engine.module.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    for mb in micro_batches:
+    for mb in batches + [padding] * (count - len(batches)):
         totals[0] += micro_batch_loss_sum(engine, mb).to(torch.float64)
         totals[1] += mb.loss_weight.sum(dtype=torch.float64)
     engine.module.train(was_training)

@@ -1,6 +1,7 @@
-"""Preemption: SIGTERM / SIGUSR1 ask the run to finish its step, save, and exit cleanly.
+"""Preemption: SIGTERM / SIGUSR1 / SIGINT ask the run to finish its step, save, and exit cleanly.
 
-SLURM sends SIGTERM (and, with ``--signal``, SIGUSR1 ahead of the time limit).  The handler only sets
+SLURM sends SIGTERM (and, with ``--signal``, SIGUSR1 ahead of the time limit); Ctrl-C sends SIGINT (a second
+Ctrl-C aborts at once, without saving).  The handler only sets
 a flag; the training loop checks it between steps and all ranks agree through one all-reduce (on the
 runtime's device: NCCL takes no CPU tensors), so every rank saves the same step.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import signal
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionFlag:
@@ -20,7 +21,13 @@ class PreemptionFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if name == "SIGINT":
+            print("lucid train: Ctrl-C: finishing this step and saving (Ctrl-C again to abort without saving)",
+                  flush=True)
+        self.received = self.received or name
 
     def agreed(self, runtime) -> bool:
         """True on every rank if any rank received a preemption signal (collective)."""

@@ -7,9 +7,12 @@ exit path, :meth:`Trainer.train_step`, :meth:`Trainer.evaluate` and :meth:`Train
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
+from torch.distributed.checkpoint.api import CheckpointException
 
 from lucid_megatron.config.schema import to_dict
 from lucid_megatron.config.train import TrainConfig, dump_config
@@ -74,7 +78,6 @@ def _gather_stream_states(local: dict) -> dict:
 
 def _weights_loader(path: Path):
     """Load a checkpoint's weights into a model; a failure names the checkpoint (DCP raises BaseException)."""
-    from torch.distributed.checkpoint.api import CheckpointException
 
     def load(model) -> None:
         try:
@@ -86,6 +89,21 @@ def _weights_loader(path: Path):
             ) from err
 
     return load
+
+
+def _save_failure(root: Path, step: int, err: BaseException, previous: Path | None) -> str:
+    """What went wrong writing a checkpoint, where, and what is still there (torch's own message names neither)."""
+    usage = shutil.disk_usage(root if root.exists() else root.parent)
+    causes = [err, *([err.__cause__] if err.__cause__ else [])]
+    full = any(getattr(e, "errno", None) == errno.ENOSPC for e in causes) or usage.free < 0.01 * usage.total
+    reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+    return (
+        f"saving the checkpoint of step {step} under {root} failed ({reason}). "
+        + (f"The file system is full: {usage.free / 2**20:.1f} MiB free of {usage.total / 2**30:.2f} GiB. "
+           if full else f"{usage.free / 2**30:.2f} GiB free there. ")
+        + (f"The previous checkpoint {previous} is intact (resume with --resume auto once there is room)."
+           if previous else "No earlier checkpoint exists.")
+    )
 
 
 class Trainer:
@@ -106,7 +124,8 @@ class Trainer:
         cfg, run_dir = self.cfg, self.run_dir
         self.layout = check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.runtime = start_runtime(self.layout.tensor_parallel, self.layout.context_parallel,
-                                     sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)
+                                     sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed,
+                                     collective_timeout_s=cfg.train.collective_timeout_s)
         self.preemption = PreemptionFlag()
         if self.runtime.is_first_rank:
             self.lock = RunDirLock(run_dir).acquire()  # before anything is written there
@@ -262,7 +281,10 @@ class Trainer:
             dp_rank=self.dp_rank, dp_size=self.layout.data_parallel, num_streams=eval_streams,
             max_rows=cfg.data.eval_rows, loss_tokens=cfg.data.loss_tokens,
         )
-        loss, _ = evaluate(self.engine, self.runtime, self.runtime.micro_batches(batches))
+        padding = data_loader.MicroBatch.padding(cfg.train.micro_batch_size, cfg.train.seq_length,
+                                                 int(self.manifest.tokenizer["pad_id"]))
+        loss, _ = evaluate(self.engine, self.runtime, self.runtime.micro_batches(batches),
+                           self.runtime.micro_batch(padding))
         self.metrics.log(step, {"valid_loss": loss})
 
     def save(self, step: int) -> Path:
@@ -276,7 +298,13 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_total,
             "tokenizer": self.manifest.tokenizer,
         }
-        path = self.checkpoints.save(step, self.engine, state, files={"model.yaml": self.model_yaml})
+        try:
+            path = self.checkpoints.save(step, self.engine, state, files={"model.yaml": self.model_yaml})
+        except (Exception, CheckpointException) as err:  # CheckpointException is not an Exception
+            message = _save_failure(self.checkpoints.root, step, err, self.checkpoints.latest())
+            with contextlib.suppress(OSError):  # the same full disk may refuse this small file too
+                write_status(self.run_dir, "failed", step)
+            raise TrainingStopped(message) from err
         self.last_saved = (step, path)
         return path
 
@@ -288,6 +316,9 @@ class Trainer:
             return self._loop()
         finally:
             self.close()
+
+    def _phase(self, name: str):
+        return self.runtime.phase(name)
 
     def _loop(self) -> int:
         cfg, run_dir = self.cfg, self.run_dir
@@ -307,7 +338,8 @@ class Trainer:
         step, outcome = self.start_step, "finished"
         resume_hint = f"continue with: lucid train <config> --run-dir {run_dir} --resume auto"
         for step in range(self.start_step + 1, cfg.train.steps + 1):
-            self.train_step(step)
+            with self._phase(f"training step {step}"):
+                self.train_step(step)
             if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
                 write_status(run_dir, "failed", step)
                 raise TrainingStopped(
@@ -316,27 +348,34 @@ class Trainer:
                     "keep optimizer.grad_clip > 0, or inspect the data of these steps."
                 )
             if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0:
-                self.evaluate(step)
+                with self._phase(f"validation after step {step}"):
+                    self.evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-                self.save(step)
+                with self._phase(f"saving the checkpoint of step {step}"):
+                    self.save(step)
             if step == cfg.train.stop_at_step:
                 outcome = "stopped"
                 describe = lambda path: f"stopping at step {step} (train.stop_at_step): saved {path}; {resume_hint}"  # noqa: E731
                 break
-            if self.preemption.agreed(self.runtime):
+            with self._phase(f"the preemption check after step {step}"):
+                preempted = self.preemption.agreed(self.runtime)
+            if preempted:
                 signal_name = self.preemption.received or "a preemption signal"
-                outcome = "preempted"
+                # SIGINT is a person stopping the run (a job script must not requeue it); the others preempt it
+                outcome = "stopped" if signal_name == "SIGINT" else "preempted"
                 describe = lambda path: f"received {signal_name} at step {step}: saved {path}. {resume_hint}"  # noqa: E731
                 break
         else:
             if not (cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0):
-                self.evaluate(step)  # the final evaluation, unless the interval just ran it
+                with self._phase(f"the final validation after step {step}"):
+                    self.evaluate(step)  # unless the interval just ran it
             describe = lambda path: (  # noqa: E731
                 f"done: {cfg.train.steps} steps. Run directory {run_dir}: checkpoint {path}, metrics "
                 f"{run_dir / 'metrics.jsonl'}, TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
             )
         # the one exit path: save (unless this step was just saved), publish the state, say where things are
-        path = self.save(step)
+        with self._phase(f"saving the checkpoint of step {step}"):
+            path = self.save(step)
         write_status(run_dir, outcome, step)
         _say(describe(path))
         return 0

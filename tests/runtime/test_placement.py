@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lucid_megatron.config import ParallelConfig, load_model_config
-from lucid_megatron.data import make_eval_loader, make_train_loader
+from lucid_megatron.data import MicroBatch, make_eval_loader, make_train_loader
 from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
 from lucid_megatron.data.tokenizer import ByteTokenizer
 from lucid_megatron.runtime import Runtime, start_runtime, stop_runtime
@@ -109,7 +109,7 @@ def test_a_training_step_keeps_every_tensor_on_the_device(stand_in, dataset):
     assert all(p.grad is not None and p.grad.device == META for p in model.parameters())
     valid = make_eval_loader(dataset, seq_length=64, micro_batch_size=2, dp_rank=0, dp_size=1, num_streams=1,
                              max_rows=2)
-    evaluate(engine, runtime, runtime.micro_batches(valid))
+    evaluate(engine, runtime, runtime.micro_batches(valid), runtime.micro_batch(MicroBatch.padding(2, 64, 258)))
     flag = PreemptionFlag()
     try:
         flag.agreed(runtime)

@@ -1,5 +1,6 @@
 """Faults a careless or hostile user runs into, each turned into a clear outcome (no hang, nothing lost)."""
 
+import contextlib
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -172,3 +174,109 @@ def test_non_finite_weights_stop_the_run_and_are_never_saved(config, tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000001", "step_00000002"]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+
+
+# ---- hangs, signals, a full disk ----------------------------------------------------------------------
+
+
+def _run_with_deadline(command, deadline_s):
+    """Run a job in its own session; past the deadline kill the whole session (a hang fails, never blocks CI)."""
+    proc = subprocess.Popen(command, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=deadline_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"hung past {deadline_s} s:\n{out[-2000:]}\n{err[-3000:]}") from None
+    return proc.returncode, out, err
+
+
+def test_zero3_validation_with_a_rank_without_rows_does_not_hang(config, tmp_path):
+    """One validation shard feeds one of two ranks; ZeRO-3 gathers weights in every forward, collectively.
+
+    ffn_hidden_size=800 makes linear_fc1 2 x 800 x 64 = 102,400 elements, above ZeRO-3's default
+    partitioning threshold (1e5), so weights are really partitioned.
+    """
+    run_dir = tmp_path / "run"
+    code, out, err = _run_with_deadline(
+        train_command(config, run_dir, nproc=2, overrides=["model.ffn_hidden_size=800", "train.zero_stage=3",
+                                                           "train.steps=2", "data.eval_rows=8"]), 240)
+    assert code == 0, out[-2000:] + err[-3000:]
+    valid = [r for r in metrics(run_dir) if "valid_loss" in r]
+    assert len(valid) == 1 and math.isfinite(valid[0]["valid_loss"])
+
+
+def test_a_worker_stuck_after_sigterm_is_killed_after_the_grace_period(config, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=["train.steps=400", "launch.stop_grace_s=5"]),
+                            env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_step(run_dir, 1, proc)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "lucid_megatron" in " ".join(p.cmdline())
+                   and "torch.distributed.run" not in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        workers[1].suspend()  # stuck: it will never reach the next collective, nor act on SIGTERM
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "the workers did not stop within 5 s of the stop signal (launch.stop_grace_s); killing them" in err
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_a_collective_timeout_names_the_rank_and_the_phase():
+    from tests.distributed import run_on_ranks
+
+    messages = run_on_ranks(_miss_a_collective, 2, timeout=120)
+    assert "rank 0: validation after step 7: a collective did not complete within 3 s" in messages[0]
+    assert messages[1] == "skipped"
+
+
+def _miss_a_collective(rank, world_size):
+    from lucid_megatron.runtime import CollectiveTimeout, start_runtime
+
+    runtime = start_runtime(1, collective_timeout_s=3)
+    if rank == 1:
+        time.sleep(8)  # alive, but never joins the all-reduce below
+        return "skipped"
+    try:
+        with runtime.phase("validation after step 7"):
+            runtime.any_rank(True)
+    except CollectiveTimeout as err:
+        return str(err)
+    return "no timeout"
+
+
+def test_ctrl_c_saves_and_stops(config, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_command(config, run_dir, overrides=["train.steps=400"]), env=train_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run_dir, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "received SIGINT at step" in out and "Traceback" not in err
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"
+    assert (run_dir / "checkpoints" / "latest").exists()
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(config, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here (needs root): {mounted.stderr.strip()}")
+    try:
+        run_dir = disk / "run"  # one 2.3 MB checkpoint fits, the second does not
+        result = run_train(config, run_dir, overrides=["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=1"],
+                           expect_ok=False)
+        assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+        assert f"saving the checkpoint of step 4 under {run_dir}/checkpoints failed" in result.stderr
+        assert "The file system is full" in result.stderr
+        assert f"The previous checkpoint {run_dir}/checkpoints/step_00000002 is intact" in result.stderr
+        assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
