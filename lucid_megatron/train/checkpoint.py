@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
 import re
 import shutil
 import warnings
@@ -155,7 +156,13 @@ class Checkpointer:
 
     @staticmethod
     def load_weights(path: Path, model: torch.nn.Module) -> None:
-        """Megatron-format weights into a (not yet DeepSpeed-wrapped) model, any TP/DP layout."""
+        """Megatron-format weights into a (not yet DeepSpeed-wrapped) model, any TP/DP layout.
+
+        The index is checked first: torch unpickles it without restriction, so a crafted one could run code.
+        """
+        problem = unsafe_model_index(Path(path) / "model")
+        if problem:
+            raise ValueError(f"{path}: {problem}")
         state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / "model"))
         model.load_state_dict(state_dict, strict=True)
 
@@ -187,6 +194,54 @@ DEEPSPEED_PICKLE_GLOBALS = frozenset({
 })
 
 
+_PICKLE_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+                                "BINSTRING", "STRING"})
+
+
+def pickle_globals(data: bytes) -> set[str]:
+    """Every ``module.name`` a pickle would import, read from its opcodes without running it."""
+    found, memo, strings, top = set(), {}, [], None
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in _PICKLE_STRING_OPS:
+            strings.append(arg)
+            top = arg
+        elif name == "MEMOIZE":
+            memo[len(memo)] = top
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = top
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            top = memo.get(arg)
+            strings.append(top)
+        elif name == "GLOBAL":
+            found.add(arg.replace(" ", "."))
+            top = None
+        elif name == "STACK_GLOBAL":
+            found.add(f"{strings[-2]}.{strings[-1]}" if len(strings) >= 2 else "<unknown>")
+            top = None
+        elif name not in ("FRAME", "PROTO"):
+            top = None
+    return found
+
+
+def _allowed_in_dcp_metadata(name: str) -> bool:
+    """Torch's distributed-checkpoint index (pickled, and unpickled without restriction by torch) may name
+    its own metadata classes, torch.Size, dtypes and layouts; nothing else."""
+    if name.startswith("torch.distributed.checkpoint.") or name in ("torch.Size", "torch.serialization._get_layout"):
+        return True
+    module, _, attr = name.rpartition(".")
+    return module == "torch" and isinstance(getattr(torch, attr, None), torch.dtype)
+
+
+def unsafe_model_index(model_dir: Path) -> str | None:
+    """Why the distributed checkpoint's pickled index must not be loaded (None: it names only safe classes)."""
+    path = Path(model_dir) / ".metadata"
+    unsafe = sorted(g for g in pickle_globals(path.read_bytes()) if not _allowed_in_dcp_metadata(g))
+    if unsafe:
+        return f"{path.parent.name}/.metadata names classes outside a checkpoint index ({', '.join(unsafe)}): refused"
+    return None
+
+
 def checkpoint_problem(path: Path, rank: int) -> str | None:
     """Why this rank cannot resume from ``path`` (None: complete, intact and safe as far as can be read).
 
@@ -201,19 +256,22 @@ def checkpoint_problem(path: Path, rank: int) -> str | None:
             return "state.json has no step"
         if (path / "model.yaml").exists():
             yaml.safe_load((path / "model.yaml").read_text())
-        problem = _model_shards_problem(path / "model")
+        problem = unsafe_model_index(path / "model") or _model_shards_problem(path / "model")
         if problem:
             return problem
         rng = path / "rng" / f"rank_{rank}.pt"
         if rng.exists():
             torch.load(rng, weights_only=True)
+        for file in sorted((path / "model").glob("*.pt")):  # Megatron's common state: plain data only
+            if torch.serialization.get_unsafe_globals_in_checkpoint(str(file)):
+                return f"{file.relative_to(path)} names Python classes: refused"
         for file in sorted((path / "deepspeed").rglob("*.pt")):
             unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(file))) - DEEPSPEED_PICKLE_GLOBALS
             if unsafe:
                 return f"{file.relative_to(path)} names classes outside DeepSpeed's state ({', '.join(sorted(unsafe))}): refused"
     except FileNotFoundError as err:
         return f"{err.filename or err} is missing"
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, yaml.YAMLError) as err:
+    except (OSError, ValueError, RuntimeError, EOFError, IndexError, pickle.UnpicklingError, yaml.YAMLError) as err:
         where = getattr(err, "filename", None)
         return f"unreadable{' ' + str(where) if where else ''}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return None

@@ -76,3 +76,27 @@ def test_no_code_from_a_directory_runs_without_trust_remote_code(run_tp1, export
     # the project's own export needs no remote code: it loads through the registered LUCID classes
     report = convert("verify", run_tp1, exported, "--batches", "1", "--seq-len", "16")
     assert "PASS" in report.stdout
+
+
+class _RunsCode:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_a_crafted_checkpoint_index_is_refused_before_torch_unpickles_it(run_tp1, tmp_path):
+    import pickle
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(run_tp1, crafted)
+    marker = tmp_path / "index-code-ran"
+    for index in crafted.rglob("model/.metadata"):
+        index.write_bytes(pickle.dumps(_RunsCode(f"touch {marker}")))
+    result = convert("to-hf", crafted, tmp_path / "out", expect_ok=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "names classes outside a checkpoint index (posix.system): refused" in result.stderr
+    assert not marker.exists()

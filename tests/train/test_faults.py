@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -126,6 +127,8 @@ DAMAGES = {
     "empty state.json": (lambda step, marker: (step / "state.json").write_text(""), "JSONDecodeError"),
     "crafted RNG file": (lambda step, marker: torch.save({"cpu": _RunsCode(f"touch {marker}")}, step / "rng" / "rank_0.pt"),
                          "UnpicklingError"),
+    "crafted model index": (lambda step, marker: (step / "model" / ".metadata").write_bytes(
+        pickle.dumps(_RunsCode(f"touch {marker}"))), ".metadata names classes outside a checkpoint index (posix.system)"),
     "crafted DeepSpeed file": (
         lambda step, marker: torch.save({"x": _RunsCode(f"touch {marker}")}, next((step / "deepspeed").rglob("*.pt"))),
         "names classes outside DeepSpeed's state (posix.system): refused"),
