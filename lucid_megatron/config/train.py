@@ -95,6 +95,13 @@ class ScheduleConfig:
             raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
 
 
+BF16_NEEDS_ZERO = (
+    "precision: bf16 needs zero_stage >= 1: at stage 0 DeepSpeed accumulates the gradients in bf16 (1.8% loss "
+    "error after 6 steps of the test model, against 2e-4 at stage 1, which keeps them in fp32 and costs no "
+    "extra memory with one data-parallel rank)"
+)
+
+
 @dataclasses.dataclass
 class TrainSection:
     steps: int
@@ -118,6 +125,8 @@ class TrainSection:
     def validate(self) -> None:
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ConfigError(BF16_NEEDS_ZERO)
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"collective_timeout_s: must be > 0, got {self.collective_timeout_s}")
         if self.stop_at_step is not None and self.stop_at_step < 1:

@@ -40,10 +40,16 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
     from lucid_megatron.train.checkpoint import Checkpointer, resolve_checkpoint
     from lucid_megatron.train.run_lock import RunDirBusy, check_free
 
-    from lucid_megatron.runtime.parallelize import check_spec
+    import torch
+
+    from lucid_megatron.config.train import BF16_NEEDS_ZERO
+    from lucid_megatron.runtime import default_device
+    from lucid_megatron.runtime.parallelize import check_spec, params_dtype
 
     layout = check_layout(cfg, world_size)
     check_spec(cfg.model.spec)
+    if params_dtype(cfg.train.precision, default_device()) == torch.bfloat16 and cfg.train.zero_stage == 0:
+        raise ConfigError(f"train.{BF16_NEEDS_ZERO} (train.precision={cfg.train.precision} means bf16 here)")
     manifest_path = Path(cfg.data.path) / "manifest.json"
     if manifest_path.exists():
         manifest = read_manifest(cfg.data.path)

@@ -177,3 +177,8 @@ def test_a_huge_value_gives_a_short_message():
     with pytest.raises(ConfigError) as err:
         config_from_dict(yaml.safe_load(_demo_text()), ["train.steps=" + "x" * 100_000])
     assert len(str(err.value)) < 300
+
+
+def test_bf16_without_zero_is_refused():
+    with pytest.raises(ConfigError, match="train.precision: bf16 needs zero_stage >= 1: at stage 0 DeepSpeed"):
+        config_from_dict(yaml.safe_load(_demo_text()), ["train.precision=bf16", "train.zero_stage=0"])

@@ -193,7 +193,7 @@ def test_tensorboard_events_hold_the_scalars(config, tmp_path):
 def test_nonfinite_losses_are_skipped_then_stop_the_run(config, tmp_path):
     run_dir = tmp_path / "run"
     result = run_train(
-        config, run_dir, overrides=["train.steps=40", "optimizer.lr=1.0e+30", "optimizer.grad_clip=0",
+        config, run_dir, overrides=["train.steps=40", "model.init_std=1.0e+38", "optimizer.grad_clip=0",
                                     "schedule.warmup_fraction=0", "train.max_nonfinite_steps=3"],
         expect_ok=False,
     )
@@ -231,12 +231,12 @@ def test_existing_run_dir_needs_resume(config, reference_run):
 def test_bf16_on_cpu_follows_the_fp32_curve(config, reference_run, tmp_path):
     """train.precision=bf16 runs on CPU (DeepSpeed bf16, fp32 master weights): close to fp32, not equal."""
     run_dir = tmp_path / "run"
-    result = run_train(config, run_dir, overrides=["train.steps=6", "train.precision=bf16"])
+    result = run_train(config, run_dir, overrides=["train.steps=6", "train.precision=bf16", "train.zero_stage=1"])
     assert ", cpu, bfloat16, local layers" in result.stdout
-    got, want = _losses(run_dir), _losses(reference_run)
+    got, want = _losses(run_dir), _losses(reference_run)  # the reference is fp32, ZeRO-0 (== ZeRO-1 to 3e-7)
     relative = [abs(a - b) / b for a, b in zip(got, want)]
-    # bf16 rounding moves every step a little (4e-4 over 30 steps measured); a bf16 run equal to fp32
-    # would mean bf16 never engaged
+    # bf16 rounding moves every step a little (2e-4 over these 6 steps, 4e-4 over 30 measured); a bf16
+    # run equal to fp32 would mean bf16 never engaged
     assert 0 < max(relative) < 5e-3, relative
 
 
