@@ -112,8 +112,6 @@ def markdown(data: dict) -> str:
 
 
 def _rel(a, b) -> float:
-    import torch
-
     return ((a.detach().double().cpu() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
@@ -342,7 +340,7 @@ def time_model_step(runtime, preset: str, tokens: int) -> dict:
         ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=runtime.device)
         positions = torch.arange(tokens, device=runtime.device)[None]
 
-        def step():
+        def step(model=model):
             model.zero_grad(set_to_none=True)
             model(ids, positions, None, labels=ids).float().mean().backward()
 

@@ -2,22 +2,15 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
-from lucid_megatron.data.tokenizer import ByteTokenizer
-from tests.train.runs import run_train, write_config
+from tests.train.runs import run_train, small_training_config
 
 
 @pytest.fixture(scope="session")
 def train_config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("convert-data")
-    dataset = root / "synth"
-    write_synth_dataset(dataset, RetrievalTask(min_len=40, max_len=64, num_needles=1, num_queries=1),
-                        train_docs=200, valid_docs=8, docs_per_shard=50, seed=0, tokenizer=ByteTokenizer())
-    return write_config(root, dataset)
+    return small_training_config(tmp_path_factory.mktemp("convert-data"), train_docs=200, valid_docs=8)
 
 
 def _trained(tmp_path_factory, train_config, name, nproc, overrides):

@@ -20,6 +20,18 @@ BASE_CONFIG = {
 }
 
 
+def small_training_config(root: Path, *, train_docs: int = 600, valid_docs: int = 40) -> Path:
+    """A synthetic retrieval dataset of short documents (40-64 bytes, one validation shard) and a config for it."""
+    from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
+    from lucid_megatron.data.tokenizer import ByteTokenizer
+
+    dataset = Path(root) / "synth"
+    write_synth_dataset(dataset, RetrievalTask(min_len=40, max_len=64, num_needles=1, num_queries=1),
+                        train_docs=train_docs, valid_docs=valid_docs, docs_per_shard=50, seed=0,
+                        tokenizer=ByteTokenizer())
+    return write_config(root, dataset)
+
+
 def write_config(directory: Path, dataset: Path, name: str = "config.yaml") -> Path:
     cfg = json.loads(json.dumps(BASE_CONFIG))
     cfg["data"]["path"] = str(dataset)

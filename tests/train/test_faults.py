@@ -14,11 +14,9 @@ import psutil
 import pytest
 import torch
 
-from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
-from lucid_megatron.data.tokenizer import ByteTokenizer
 from lucid_megatron.train.metrics import MetricsLogger
 
-from .runs import metrics, run_train, train_command, train_env, train_records, write_config
+from .runs import metrics, run_train, small_training_config, train_command, train_env, train_records
 
 
 def test_a_torn_metrics_line_does_not_block_resume(tmp_path):
@@ -36,11 +34,7 @@ def test_a_torn_metrics_line_does_not_block_resume(tmp_path):
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    dataset = root / "synth"
-    write_synth_dataset(dataset, RetrievalTask(min_len=40, max_len=64, num_needles=1, num_queries=1),
-                        train_docs=600, valid_docs=40, docs_per_shard=50, seed=0, tokenizer=ByteTokenizer())
-    return write_config(root, dataset)
+    return small_training_config(tmp_path_factory.mktemp("faults"))
 
 
 def _wait_for_step(run_dir, step, proc, timeout=300):
