@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from lucid_megatron import atomic
 from lucid_megatron.config import ConfigError, ModelConfig, from_dict
 from lucid_megatron.hf import AUTO_MAP, REMOTE_CODE_FILES, LucidConfig
 
@@ -127,13 +127,14 @@ def write_hf_dir(out_dir: Path, weights: dict[str, torch.Tensor], config: LucidC
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new output directory")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    with atomic.staged_directory(out_dir) as partial:
+        _write_model_dir(partial, weights, config, tokenizer, max_shard_size, save_torch_state_dict,
+                         GenerationConfig)
+    return Path(out_dir)
+
+
+def _write_model_dir(partial: Path, weights, config, tokenizer, max_shard_size, save_torch_state_dict,
+                     GenerationConfig) -> None:
     save_torch_state_dict(weights, str(partial), max_shard_size=max_shard_size)
     config.save_pretrained(str(partial))
     for source in REMOTE_CODE_FILES:
@@ -142,7 +143,3 @@ def write_hf_dir(out_dir: Path, weights: dict[str, torch.Tensor], config: LucidC
                      pad_token_id=config.pad_token_id).save_pretrained(str(partial))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(partial))
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(partial, out_dir)
-    return out_dir

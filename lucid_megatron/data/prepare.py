@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .files import require_empty_output, staged_directory
+from lucid_megatron.atomic import require_empty_output, staged_directory
 from .shards import ShardWriter, read_manifest, write_manifest
 from .tokenizer import load_tokenizer
 

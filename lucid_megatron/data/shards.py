@@ -20,7 +20,7 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import tar_file_iterator
 
-from .files import atomic_write_text
+from lucid_megatron.atomic import write_text as atomic_write_text
 
 FORMAT = "lucid-shards-v1"
 MANIFEST = "manifest.json"

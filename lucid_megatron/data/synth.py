@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .files import staged_directory
+from lucid_megatron.atomic import staged_directory
 from .shards import ShardWriter, read_manifest, write_manifest
 from .tokenizer import ByteTokenizer, load_tokenizer
 
@@ -185,3 +186,18 @@ def write_synth_dataset(out_dir, task: RetrievalTask, *, train_docs: int, valid_
                   "train_docs": train_docs, "valid_docs": valid_docs, "docs_per_shard": docs_per_shard}
         write_manifest(staging, tokenizer, True, splits, source)
     return read_manifest(out_dir)
+
+
+def ensure_synth_dataset(data, say=print) -> bool:
+    """Write the synthetic dataset a run's ``data`` section configures (``data.synth``) at ``data.path``, if
+    configured and not there yet; True if it wrote it.  Call it from one process only."""
+    from .tokenizer import ByteTokenizer
+
+    path = Path(data.path)
+    if data.synth is None or (path / "manifest.json").exists():
+        return False
+    s = data.synth
+    say(f"writing the synthetic retrieval dataset to {path} ({s.train_docs} train documents)")
+    write_synth_dataset(path, s.task, train_docs=s.train_docs, valid_docs=s.valid_docs,
+                        docs_per_shard=s.docs_per_shard, seed=s.seed, tokenizer=ByteTokenizer())
+    return True

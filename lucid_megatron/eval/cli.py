@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from lucid_megatron.data.files import atomic_write_text
+from lucid_megatron.atomic import write_text as atomic_write_text
 
 
 def _parallel_args(parser) -> None:

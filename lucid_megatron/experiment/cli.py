@@ -53,7 +53,7 @@ def _repro(args) -> int:
 
 
 def _toy(args) -> int:
-    from lucid_megatron.data.files import atomic_write_text
+    from lucid_megatron.atomic import write_text as atomic_write_text
     from lucid_megatron.experiment import toy
 
     if args.steps < 1:

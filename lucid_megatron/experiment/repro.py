@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from lucid_megatron.data.files import atomic_write_text
+from lucid_megatron.atomic import write_text as atomic_write_text
 
 
 @dataclasses.dataclass
@@ -187,8 +187,7 @@ def run_experiment(exp: Experiment, out: Path, *, jobs: int = 2, only: list[str]
                    eval_overrides: dict | None = None) -> dict:
     """Run (or finish) every selected condition x seed, then write results.json, table.md and the plots."""
     from lucid_megatron.config.train import load_train_config
-    from lucid_megatron.data.synth import write_synth_dataset
-    from lucid_megatron.data.tokenizer import ByteTokenizer
+    from lucid_megatron.data.synth import ensure_synth_dataset
 
     unknown = [c for c in only or [] if c not in exp.conditions]
     if unknown:
@@ -203,11 +202,7 @@ def run_experiment(exp: Experiment, out: Path, *, jobs: int = 2, only: list[str]
 
     # Every condition reads the same dataset: write it once here, before runs start in parallel.
     cfg = load_train_config(exp.base, extra)
-    if not (Path(cfg.data.path) / "manifest.json").exists() and cfg.data.synth is not None:
-        s = cfg.data.synth
-        print(f"experiment: writing the dataset to {cfg.data.path}", flush=True)
-        write_synth_dataset(cfg.data.path, s.task, train_docs=s.train_docs, valid_docs=s.valid_docs,
-                            docs_per_shard=s.docs_per_shard, seed=s.seed, tokenizer=ByteTokenizer())
+    ensure_synth_dataset(cfg.data, say=lambda text: print(f"experiment: {text}", flush=True))
     threads = max(1, (os.cpu_count() or 1) // (jobs * exp.nproc_per_node))
     work = [(c, s) for c in conditions for s in seeds]
     with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -80,10 +80,10 @@ def loss_fn(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((prediction - target) ** 2).sum(-1).mean()
 
 
-def train_toy(cfg: ToyConfig, attention: str, log_every: int = 10) -> dict:
+def train_toy(cfg: ToyConfig, attention: str, log_every: int = 10) -> tuple[dict, dict]:
     """Phase 1 then phase 2 with one Adam optimizer state carried over.
 
-    Returns the loss curves and, after each phase, the attention weight on the first token.
+    Returns ``(curves, sink)``: the loss curves, and after each phase the attention weight on the first token.
     """
     torch.manual_seed(cfg.seed)
     model = OneLayerAttention(cfg, attention)

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from string import Template
 
+from lucid_megatron import atomic
+
 TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch"
 
 
@@ -143,9 +145,7 @@ def write_script(job: SlurmJob) -> Path:
     """Save the rendered script next to the run's logs (so it can be resubmitted by hand)."""
     job.log_dir.mkdir(parents=True, exist_ok=True)
     path = job.log_dir / "job.sbatch"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(render(job))
-    tmp.replace(path)
+    atomic.write_text(path, render(job))
     return path
 
 

@@ -95,7 +95,8 @@ class SoftmaxCoreAttention(MegatronModule):
         common = dict(lucid=self.kind == "lucid", eps=getattr(self, "lucid_eps", 1e-6), scale=self.softmax_scale)
         if self.cp_comm_type == "a2a":
             return a2a_attention(q, k, v, layout, self.cp_group, backend=getattr(self, "backend", "auto"), **common)
-        return p2p_attention(q, k, v, layout, self.cp_group, sub_chunks=getattr(self, "cp_sub_chunks", 1), **common)
+        return p2p_attention(q, k, v, layout, self.cp_group, sub_chunks=getattr(self, "cp_sub_chunks", 1),
+                             backend=getattr(self, "backend", "auto"), **common)
 
     def forward(
         self,

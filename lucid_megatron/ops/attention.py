@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from . import checks
-from .blockwise import DEFAULT_BLOCK_COLS, DEFAULT_BLOCK_ROWS, blockwise_precondition_grouped
+from .blockwise import DEFAULT_BLOCK_COLS, DEFAULT_BLOCK_ROWS
+from .flash_blocks import equal_head_dims
 from .reference import reference_attention, reference_precondition
+from .solver import make_solver, precondition_grouped
 
 
 @functools.cache
@@ -23,11 +25,13 @@ def triton_import_error() -> str | None:
     return None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> the fastest exact backend available for ``device`` (Triton on CUDA, else blockwise)."""
+def resolve_backend(backend: str, device: torch.device, head_dim: int = 0, dtype: torch.dtype = torch.bfloat16) -> str:
+    """``auto`` -> the fastest exact backend available for ``device``, head dims up to ``head_dim`` and
+    ``dtype`` (the Triton kernels on CUDA where they support the shape, else blockwise)."""
     checks.check_backend(backend)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_import_error() is None else "blockwise"
+        usable = device.type == "cuda" and triton_import_error() is None and dtype != torch.float64
+        return "triton" if usable and head_dim <= _triton_max_head_dim(dtype) else "blockwise"
     if backend == "triton":
         if triton_import_error() is not None:
             raise ValueError(
@@ -42,13 +46,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _triton_max_head_dim(dtype: torch.dtype) -> int:
+    import lucid_triton
+
+    return lucid_triton.max_head_dim(lucid_triton.operand_dtype(dtype))
+
+
 def _preconditioned_values(k, v, bounds, eps, backend, block_rows, block_cols):
     """V' as [B, H, N, Dv] from the chosen memory-linear backend."""
+    if block_rows < 1 or block_cols < 1:
+        raise ValueError(f"block_rows and block_cols must be positive, got {block_rows} and {block_cols}")
     if backend == "triton":
         import lucid_triton
 
-        return lucid_triton.precondition_grouped(k, v, bounds, eps)
-    return blockwise_precondition_grouped(k, v, bounds, eps, block_rows=block_rows, block_cols=block_cols)
+        lucid_triton.check_head_dims(v.dtype, k.shape[-1], v.shape[-1])
+    solver = make_solver(backend, v.dtype, block_rows=block_rows, block_cols=block_cols)
+    return precondition_grouped(k, v, bounds, eps, solver)
 
 
 def causal_softmax_attention(
@@ -56,18 +69,14 @@ def causal_softmax_attention(
 ) -> torch.Tensor:
     """Causal SDPA on ``[B, H, N, D]`` tensors, keeping to the memory-efficient kernels.
 
-    GQA is passed through (``enable_gqa``) instead of repeating K/V.  The fused CPU kernel
-    requires equal q/k and v head dims, so unequal dims are zero-padded (padding q and k
-    changes no dot product; padded value columns are sliced off).
+    GQA is passed through (``enable_gqa``) instead of repeating K/V.  The fused kernels require
+    equal q/k and v head dims: ``equal_head_dims`` zero-pads the narrower side.
     """
-    d, dv = q.shape[-1], v.shape[-1]
-    if dv < d:
-        v = F.pad(v, (0, d - dv))
-    elif dv > d:
-        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    dv = v.shape[-1]
+    q, k, v = equal_head_dims(q, k, v)
     gqa = q.shape[1] != k.shape[1]
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    return out[..., :dv] if dv < d else out
+    return out[..., :dv]
 
 
 @functools.cache
@@ -147,7 +156,7 @@ def lucid_precondition(
     """
     checks.check_kv(k, v)
     checks.check_eps(eps)
-    backend = resolve_backend(backend, k.device)
+    backend = resolve_backend(backend, k.device, max(k.shape[-1], v.shape[-1]), k.dtype)
     checks.check_dtype_for_backend(backend, k.dtype)
     bounds = checks.check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1])
     if backend == "reference":
@@ -171,13 +180,13 @@ def lucid_attention(
 
     ``q [B, N, Hq, D]``, ``k [B, N, Hkv, D]``, ``v [B, N, Hkv, Dv]`` -> ``o [B, N, Hq, Dv]`` with
     ``Hq % Hkv == 0``.  ``softmax_scale`` (default ``D**-0.5``) scales the softmax only; the
-    preconditioner always uses ``D**-0.5`` as in the spec.  ``block_rows/block_cols`` tune the
+    preconditioner always uses ``D**-0.5`` as the definition does.  ``block_rows/block_cols`` tune the
     blockwise backend and never change the result beyond round-off.
     """
     checks.check_qkv(q, k, v)
     checks.check_eps(eps)
     checks.check_softmax_scale(softmax_scale)
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, max(k.shape[-1], v.shape[-1]), q.dtype)
     checks.check_dtype_for_backend(backend, q.dtype)
     bounds = checks.check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

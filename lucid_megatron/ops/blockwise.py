@@ -22,7 +22,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def rms_normalize(k: torch.Tensor, eps: float) -> torch.Tensor:
-    """kn = k / sqrt(mean(k^2) + eps), no learnable weight (spec section 1)."""
+    """kn = k / sqrt(mean(k^2) + eps), no learnable weight (docs/operator.md, "The math")."""
     return k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps)
 
 
@@ -61,17 +61,17 @@ def backward_off_diagonal(
     grad_kn_cols: torch.Tensor,
     grad_kn_rows: torch.Tensor,
     *,
-    block_rows: int = DEFAULT_BLOCK_COLS,
+    row_chunk: int = DEFAULT_BLOCK_COLS,
 ) -> None:
     """The backward's work for rows ``j`` that come after columns ``i`` (all in place).
 
     With ``W = L[j, i]``: ``acc_i -= W^T dV_j`` (the upper-triangular solve), and
     ``dS = -(dV_j V'_i^T) * W`` feeds ``dKn_i += s dS^T Kn_j`` and ``dKn_j += s dS Kn_i``.
-    Rows are taken ``block_rows`` at a time, so the temporaries are ``block_rows x cols``.
+    Rows are taken ``row_chunk`` at a time, so the temporaries are ``row_chunk x cols``.
     """
     scale = rows_kn.shape[-1] ** -0.5
-    for r0 in range(0, rows_kn.shape[1], block_rows):
-        r1 = min(r0 + block_rows, rows_kn.shape[1])
+    for r0 in range(0, rows_kn.shape[1], row_chunk):
+        r1 = min(r0 + row_chunk, rows_kn.shape[1])
         weights = _kernel_block(rows_kn_scaled[:, r0:r1], cols_kn, 1.0 / scale)  # L[j, i]
         grad_v_rows = rows_grad_v[:, r0:r1]
         acc_cols.baddbmm_(weights.transpose(1, 2), grad_v_rows, alpha=-1.0)
@@ -110,7 +110,7 @@ def solve_forward(
         for src_kn, src_vp, end in sources + [(kn, vp, a)]:
             subtract_kernel_products(acc, rows, src_kn[:, :end], src_vp[:, :end], block_cols=block_cols)
         # Diagonal block: unit lower-triangular solve; trsm never reads the diagonal of
-        # `diag`, so L_ii is exactly 1 as the spec requires.
+        # `diag`, so L_ii is exactly 1 as the definition requires.
         diag = _kernel_block(rows, kn[:, a:b], inv_scale)
         vp[:, a:b] = torch.linalg.solve_triangular(diag, acc, upper=False, unitriangular=True)
     return vp
@@ -124,7 +124,7 @@ def solve_backward(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     block_cols: int = DEFAULT_BLOCK_COLS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``V' = L^{-1} V`` wrt ``V`` and ``Kn`` (spec section 3), blockwise.
+    """Gradients of ``V' = L^{-1} V`` wrt ``V`` and ``Kn`` (docs/operator.md, "The math"), blockwise.
 
     Walks column blocks ``i`` from last to first.  Block ``i`` of ``dV = L^{-T} G`` needs
     ``dV`` of all later rows ``c``; the same kernel block ``L[c, i]`` then gives
@@ -143,7 +143,7 @@ def solve_backward(
         grad_kn_i = grad_kn[:, a:b]
         backward_off_diagonal(
             kn_scaled[:, b:], kn[:, b:], grad_v[:, b:], kn_i, vp_i, acc, grad_kn_i, grad_kn[:, b:],
-            block_rows=block_cols,
+            row_chunk=block_cols,  # the later rows play the role the columns play in the forward
         )
         diag = _kernel_block(kn_scaled[:, a:b], kn_i, inv_scale)
         grad_v_i = torch.linalg.solve_triangular(
@@ -155,58 +155,3 @@ def solve_backward(
         grad_kn_i.baddbmm_(neg_ds, kn_i, alpha=-scale)
         grad_kn_i.baddbmm_(neg_ds.transpose(1, 2), kn_i, alpha=-scale)
     return grad_v, grad_kn
-
-
-class BlockwisePrecondition(torch.autograd.Function):
-    """``V' = L^{-1} V`` with a blockwise backward; packed documents are solved independently."""
-
-    @staticmethod
-    def forward(ctx, kn, v, segments, block_rows, block_cols):
-        vp = torch.empty(v.shape, dtype=kn.dtype, device=kn.device)
-        for s0, s1 in segments:
-            vp[:, s0:s1] = solve_forward(
-                kn[:, s0:s1], v[:, s0:s1], block_rows=block_rows, block_cols=block_cols
-            )
-        ctx.save_for_backward(kn, vp)
-        ctx.segments, ctx.block_rows, ctx.block_cols = segments, block_rows, block_cols
-        ctx.v_dtype = v.dtype
-        return vp.to(v.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_vp):
-        kn, vp = ctx.saved_tensors
-        grad_v = torch.empty(vp.shape, dtype=kn.dtype, device=kn.device)
-        grad_kn = torch.empty_like(kn)
-        for s0, s1 in ctx.segments:
-            grad_v[:, s0:s1], grad_kn[:, s0:s1] = solve_backward(
-                kn[:, s0:s1],
-                vp[:, s0:s1],
-                grad_vp[:, s0:s1],
-                block_rows=ctx.block_rows,
-                block_cols=ctx.block_cols,
-            )
-        return grad_kn, grad_v.to(ctx.v_dtype), None, None, None
-
-
-def blockwise_precondition_grouped(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: list[int] | None = None,
-    eps: float = 1e-6,
-    *,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
-    block_cols: int = DEFAULT_BLOCK_COLS,
-) -> torch.Tensor:
-    """k [B, N, H, D], v [B, N, H, Dv] -> V' as [B, H, N, Dv] (the layout SDPA wants)."""
-    if block_rows < 1 or block_cols < 1:
-        raise ValueError(
-            f"block_rows and block_cols must be positive, got {block_rows} and {block_cols}"
-        )
-    bsz, n, h, d = k.shape
-    dv = v.shape[-1]
-    kn = rms_normalize(k.to(compute_dtype(k.dtype)), eps)
-    kn_g = kn.transpose(1, 2).reshape(bsz * h, n, d)
-    v_g = v.transpose(1, 2).reshape(bsz * h, n, dv)
-    segments = [(0, n)] if cu_seqlens is None else list(zip(cu_seqlens, cu_seqlens[1:]))
-    vp = BlockwisePrecondition.apply(kn_g, v_g, segments, block_rows, block_cols)
-    return vp.view(bsz, h, n, dv)

@@ -1,6 +1,6 @@
 """Incremental LUCID: a per-layer cache of K, normalised K and V', and a step that appends m >= 1 tokens.
 
-For new tokens ``t`` (spec section 2): ``v'_t = v_t - sum_{j<t} exp(s kn_t.kn_j - 1/s) v'_j``.  A block
+For new tokens ``t`` (docs/operator.md, "The math"): ``v'_t = v_t - sum_{j<t} exp(s kn_t.kn_j - 1/s) v'_j``.  A block
 of ``m`` tokens is the same blocked forward substitution as training, with the cached rows as an
 already solved prefix, so token-by-token decoding, chunked prefill and speculative blocks all agree
 with a full prefill to round-off.
@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .blockwise import compute_dtype, rms_normalize, solve_forward
+from .attention import resolve_backend
+from .blockwise import compute_dtype, rms_normalize
+from .solver import make_solver
 
 # Queries are processed in chunks so the [chunk, T + m] decode mask stays small.
 _MASK_ELEMENTS = 1 << 24
@@ -26,9 +28,11 @@ class LucidCache:
     geometrically, so appending one token at a time costs amortised O(1) copies.
     """
 
-    def __init__(self, eps: float = 1e-6):
+    def __init__(self, eps: float = 1e-6, backend: str = "auto"):
         checks.check_eps(eps)
+        checks.check_backend(backend)
         self.eps = float(eps)
+        self.backend = backend  # the solver: auto = Triton kernels on CUDA, blockwise PyTorch elsewhere
         self.length = 0
         self._k = self._kn = self._vp = None
 
@@ -85,16 +89,14 @@ class LucidCache:
         t = self.length
         self._reserve(k, v, t + m)
         kn_new = rms_normalize(k.to(compute_dtype(k.dtype)), self.eps).transpose(1, 2)
-        v_new = v.transpose(1, 2)
-        prefix = {}
-        if t > 0:
-            prefix = dict(
-                prefix_kn=self._kn[:, :, :t].reshape(b * h, t, d),
-                prefix_vp=self._vp[:, :, :t].reshape(b * h, t, dv),
-            )
-        vp_new = solve_forward(
-            kn_new.reshape(b * h, m, d), v_new.reshape(b * h, m, dv), **prefix
-        ).view(b, h, m, dv)
+        backend = resolve_backend(self.backend, k.device, max(d, dv), v.dtype)
+        solver = make_solver("blockwise" if backend == "reference" else backend, v.dtype)
+        rows_kn = kn_new.reshape(b * h, m, d)
+        acc = v.transpose(1, 2).reshape(b * h, m, dv).to(kn_new.dtype)  # a copy: v is [B, m, H, Dv]
+        if t > 0:  # the cached tokens come before every new one
+            solver.subtract_earlier(acc, rows_kn, self._kn[:, :, :t].reshape(b * h, t, d),
+                                    self._vp[:, :, :t].reshape(b * h, t, dv))
+        vp_new = solver.solve(rows_kn, acc, [(0, m)]).to(kn_new.dtype).view(b, h, m, dv)
         self._k[:, :, t : t + m] = k.transpose(1, 2)
         self._kn[:, :, t : t + m] = kn_new
         self._vp[:, :, t : t + m] = vp_new

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _padded(q, k, v):
-    """Equal head dims for the kernel: zero-pad (no dot product changes; extra value columns are sliced)."""
+def equal_head_dims(q, k, v):
+    """Equal q/k and v head dims for the fused kernels (their requirement): zero-pad the narrower side.
+    Padding q and k changes no dot product; padded value columns are sliced off the output by the caller."""
     d, dv = q.shape[-1], v.shape[-1]
     if dv < d:
         return q, k, F.pad(v, (0, d - dv))
@@ -31,7 +32,7 @@ def attention_with_lse(q, k, v, *, causal: bool, scale: float):
     """Softmax attention (top-left causal when ``causal``), its rows' log-sum-exp [B, H, L] (float32, or
     float64 for float64 inputs), and what the kernel's backward needs besides (``None`` on CPU)."""
     dv = v.shape[-1]
-    q, k, v = _padded(q, k, v)
+    q, k, v = equal_head_dims(q, k, v)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         aux = None
@@ -49,7 +50,7 @@ def attention_with_lse(q, k, v, *, causal: bool, scale: float):
 def attention_backward(grad_out, q, k, v, out, lse, aux, *, causal: bool, scale: float):
     """Gradients (dq, dk, dv) of one block given the merged output and log-sum-exp of its rows."""
     d, dv = q.shape[-1], v.shape[-1]
-    q, k, v = _padded(q, k, v)
+    q, k, v = equal_head_dims(q, k, v)
     if dv < d:
         grad_out, out = F.pad(grad_out, (0, d - dv)), F.pad(out, (0, d - dv))
     grad_out, out = grad_out.to(q.dtype).contiguous(), out.to(q.dtype).contiguous()

@@ -1,4 +1,4 @@
-"""Dense LUCID: the definition from the spec, written for clarity, used as the test oracle.
+"""Dense LUCID: the definition (docs/operator.md, "The math"), written for clarity, used as the test oracle.
 
 It materialises N x N matrices (O(N^2) memory) and relies on PyTorch autograd for
 gradients.  It shares no code with the blockwise path on purpose.

@@ -17,17 +17,11 @@ see docs/context-parallel.md for communication volume and critical path.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from lucid_megatron.ops.blockwise import (
-    DEFAULT_BLOCK_COLS,
-    DEFAULT_BLOCK_ROWS,
-    backward_off_diagonal,
-    solve_backward,
-    solve_forward,
-    subtract_kernel_products,
-)
+from lucid_megatron.ops.attention import resolve_backend
+from lucid_megatron.ops.blockwise import DEFAULT_BLOCK_COLS, compute_dtype, rms_normalize
 from lucid_megatron.ops.flash_blocks import attention_backward, attention_with_lse, merge
+from lucid_megatron.ops.solver import Solver, make_solver
 
 from .context import ZigzagLayout, all_gather, broadcast_async, reduce_scatter
 
@@ -69,31 +63,26 @@ class _Units:
         return sum(b - a for _, a, b in self.pieces[t])
 
 
-def _pipeline_forward(kn_all, v_local, units: _Units, group, block_cols: int):
+def _pipeline_forward(kn_all, v_local, units: _Units, group, solver: Solver):
     """V' of every rank's chunks (list by rank, local layout) by the broadcast pipeline."""
     layout, me = units.layout, units.layout.cp_rank
     g, _, dv = v_local.shape
     dtype = kn_all[0].dtype
-    scale = kn_all[0].shape[-1] ** -0.5
     device = v_local.device
     vp_all = [torch.empty(g, layout.local_length, dv, dtype=dtype, device=device) for _ in range(layout.cp_size)]
     acc = v_local.to(dtype, copy=True)  # my units' accumulators, in place in the local layout
-    kn_scaled = kn_all[me] * scale
     mine = units.mine()
 
     def update(j: int, t: int) -> None:  # acc_j -= L[j, t] V'_t, document by document
         src = units.owner(t)
         for (d, a, b), (_, c0, c1) in zip(units.pieces[j], units.pieces[t]):
-            if c1 > c0:
-                for r0 in range(a, b, DEFAULT_BLOCK_ROWS):  # row blocks keep temporaries block-sized
-                    r1 = min(r0 + DEFAULT_BLOCK_ROWS, b)
-                    subtract_kernel_products(acc[:, r0:r1], kn_scaled[:, r0:r1], kn_all[src][:, c0:c1],
-                                             vp_all[src][:, c0:c1], block_cols=block_cols)
+            if c1 > c0 and b > a:
+                solver.subtract_earlier(acc[:, a:b], kn_all[me][:, a:b], kn_all[src][:, c0:c1], vp_all[src][:, c0:c1])
 
     def solve(t: int) -> None:
         for _, a, b in units.pieces[t]:
             if b > a:
-                vp_all[me][:, a:b] = solve_forward(kn_all[me][:, a:b], acc[:, a:b], block_cols=block_cols)
+                vp_all[me][:, a:b] = solver.solve(kn_all[me][:, a:b], acc[:, a:b], [(0, b - a)])
 
     def post(t: int):
         src = units.owner(t)
@@ -120,36 +109,29 @@ def _pipeline_forward(kn_all, v_local, units: _Units, group, block_cols: int):
     return vp_all
 
 
-def _pipeline_backward(kn_all, vp_all, grad_local, units: _Units, group, block_cols: int):
+def _pipeline_backward(kn_all, vp_all, grad_local, units: _Units, group, solver: Solver):
     """dV (local) and dKn (local, all contributions) of V' = L^{-1} V, by the reverse pipeline."""
     layout, me = units.layout, units.layout.cp_rank
     g, n_local, dv = grad_local.shape
     dtype = kn_all[0].dtype
-    scale = kn_all[0].shape[-1] ** -0.5
     acc = grad_local.to(dtype, copy=True)
     device = grad_local.device
     grad_v_all = [torch.zeros(g, n_local, dv, dtype=dtype, device=device) for _ in range(layout.cp_size)]
     grad_kn = torch.zeros_like(kn_all[me])
     row_side = [torch.zeros_like(kn_all[me]) for _ in range(layout.cp_size)]  # dKn owed to other ranks
-    scaled = {r: kn_all[r] * scale for r in range(layout.cp_size)}
     mine = units.mine()
 
     def update(i: int, t: int) -> None:  # rows: unit t (later), columns: my unit i
         src = units.owner(t)
         for (d, a, b), (_, r0, r1) in zip(units.pieces[i], units.pieces[t]):
-            if r1 > r0:
-                for c0 in range(a, b, DEFAULT_BLOCK_ROWS):  # column blocks keep temporaries block-sized
-                    c1 = min(c0 + DEFAULT_BLOCK_ROWS, b)
-                    backward_off_diagonal(
-                        scaled[src][:, r0:r1], kn_all[src][:, r0:r1], grad_v_all[src][:, r0:r1],
-                        kn_all[me][:, c0:c1], vp_all[me][:, c0:c1], acc[:, c0:c1], grad_kn[:, c0:c1],
-                        row_side[src][:, r0:r1], block_rows=block_cols,
-                    )
+            if r1 > r0 and b > a:
+                solver.backward_earlier(kn_all[src][:, r0:r1], grad_v_all[src][:, r0:r1], kn_all[me][:, a:b],
+                                        vp_all[me][:, a:b], acc[:, a:b], grad_kn[:, a:b], row_side[src][:, r0:r1])
 
     def solve(t: int) -> None:
         for _, a, b in units.pieces[t]:
             if b > a:
-                gv, gk = solve_backward(kn_all[me][:, a:b], vp_all[me][:, a:b], acc[:, a:b], block_cols=block_cols)
+                gv, gk = solver.solve_backward(kn_all[me][:, a:b], vp_all[me][:, a:b], acc[:, a:b], [(0, b - a)])
                 grad_v_all[me][:, a:b] = gv
                 grad_kn[:, a:b] += gk
 
@@ -213,7 +195,7 @@ class P2PAttention(torch.autograd.Function):
     or None for softmax), v [B, T, Hkv, Dv].  Output o [B, T, Hq, Dv]."""
 
     @staticmethod
-    def forward(ctx, q, k, kn, v, layout, group, scale, sub_chunks, block_cols):
+    def forward(ctx, q, k, kn, v, layout, group, scale, sub_chunks, solver):
         b, n, hq, _ = q.shape
         hkv = k.shape[2]
         units = _Units(layout, sub_chunks)
@@ -221,7 +203,7 @@ class P2PAttention(torch.autograd.Function):
         lucid = kn is not None
         if lucid:
             kn_all = all_gather(grouped(kn), group)
-            vp_all = _pipeline_forward(kn_all, grouped(v), units, group, block_cols)
+            vp_all = _pipeline_forward(kn_all, grouped(v), units, group, solver)
             values = [x.reshape(b, hkv, n, -1).to(v.dtype) for x in vp_all]
         else:
             values = [x.transpose(1, 2) for x in all_gather(v, group)]
@@ -248,8 +230,8 @@ class P2PAttention(torch.autograd.Function):
             out[:, :, start:end] = merged.to(out.dtype)
             lse[:, :, start:end] = merged_lse
         ctx.save_for_backward(q, k, v, out, lse, *( [grouped(kn), vp_all[me]] if lucid else []))
-        ctx.layout, ctx.group, ctx.scale, ctx.units, ctx.lucid, ctx.block_cols = (
-            layout, group, scale, units, lucid, block_cols)
+        ctx.layout, ctx.group, ctx.scale, ctx.units, ctx.lucid, ctx.solver = (
+            layout, group, scale, units, lucid, solver)
         return out.transpose(1, 2).contiguous()
 
     @staticmethod
@@ -300,7 +282,7 @@ class P2PAttention(torch.autograd.Function):
         grad_kn = None
         if ctx.lucid:
             gv, gkn = _pipeline_backward(kn_all, vp_all, grad_vp.reshape(b * hkv, n, -1), units, group,
-                                         ctx.block_cols)
+                                         ctx.solver)
             grad_vp = gv.reshape(b, hkv, n, -1)
             grad_kn = gkn.reshape(b, hkv, n, -1).transpose(1, 2)
         return (grad_q.transpose(1, 2).to(q.dtype), grad_k.transpose(1, 2).to(k.dtype), grad_kn,
@@ -308,9 +290,11 @@ class P2PAttention(torch.autograd.Function):
 
 
 def p2p_attention(q, k, v, layout: ZigzagLayout, group, *, lucid: bool, eps: float, scale: float,
-                  sub_chunks: int = 1, block_cols: int = DEFAULT_BLOCK_COLS) -> torch.Tensor:
-    """Context-parallel LUCID (or softmax) attention with the sequence kept sharded."""
-    from lucid_megatron.ops.blockwise import compute_dtype, rms_normalize
+                  sub_chunks: int = 1, backend: str = "auto", block_cols: int = DEFAULT_BLOCK_COLS) -> torch.Tensor:
+    """Context-parallel LUCID (or softmax) attention with the sequence kept sharded.
 
+    ``backend`` picks the solver (``auto``: the Triton kernels on CUDA, else blockwise PyTorch)."""
     kn = rms_normalize(k.to(compute_dtype(k.dtype)), eps) if lucid else None
-    return P2PAttention.apply(q, k, kn, v, layout, group, scale, sub_chunks, block_cols)
+    resolved = resolve_backend(backend, k.device, max(k.shape[-1], v.shape[-1]), v.dtype)
+    solver = make_solver("blockwise" if resolved == "reference" else resolved, v.dtype, block_cols=block_cols)
+    return P2PAttention.apply(q, k, kn, v, layout, group, scale, sub_chunks, solver)

@@ -106,6 +106,22 @@ def markdown(data: dict) -> str:
             lines.append("")
         if t.get("skipped"):
             lines += [f"not timed (budget): {', '.join(t['skipped'])}", ""]
+    if parts.get("numerics", {}).get("rows"):
+        from .numerics import format_table
+
+        lines += ["## a2. bf16 error vs float64: LUCID (Triton) next to softmax (flash), same inputs", "",
+                  format_table(parts["numerics"]["rows"]), "", f"bound: {parts['numerics']['bound']}", ""]
+    if parts.get("tuning", {}).get("candidates"):
+        t = parts["tuning"]
+        lines += [f"## f. kernel configs at B, Hkv, N, D = {tuple(t['shape'])} (bf16)", "",
+                  "| BM | warps | stages | group | fwd ms | bwd ms | fwd / flash | bwd / flash |", "|---|---|---|---|---|---|---|---|"]
+        for r in t["candidates"]:
+            if "error" in r:
+                lines.append(f"| {r['block_m']} | {r['num_warps']} | {r['num_stages']} | {r['group']} | {r['error']} | | | |")
+            else:
+                lines.append(f"| {r['block_m']} | {r['num_warps']} | {r['num_stages']} | {r['group']} | {r['fwd_ms']:.2f} "
+                             f"| {r['bwd_ms']:.2f} | {r['fwd_ratio']:.2f} | {r['bwd_ratio']:.2f} |")
+        lines.append("")
     failed = [p for p, v in parts.items() if v.get("status") == "FAIL"]
     lines.append("overall: " + ("FAIL (" + ", ".join(failed) + ")" if failed else "PASS"))
     return "\n".join(lines) + "\n"
@@ -287,13 +303,16 @@ def _time_ms(fn, device, repeats: int = 3) -> tuple[float, float]:
     return 1e3 * sorted(times)[len(times) // 2], peak
 
 
-def time_preconditioner(device, b: int, h: int, n: int, d: int) -> dict:
+def time_preconditioner(device, b: int, h: int, n: int, d: int, config=None) -> dict:
+    """Preconditioner (Triton solver) vs causal flash attention of the same shape, forward and backward."""
     import torch
     import torch.nn.functional as F
 
     import lucid_triton
+    from lucid_megatron.ops.solver import precondition_grouped
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    solver = lucid_triton.TritonSolver(dtype, config)
     k = torch.randn(b, n, h, d, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(b, n, h, d, device=device, dtype=dtype, requires_grad=True)
     q = torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True)
@@ -302,10 +321,10 @@ def time_preconditioner(device, b: int, h: int, n: int, d: int) -> dict:
 
     def pre_fwd():
         with torch.no_grad():
-            lucid_triton.precondition_grouped(k, v)
+            precondition_grouped(k, v, None, 1e-6, solver)
 
     def pre_both():
-        lucid_triton.precondition_grouped(k, v).backward(grad)
+        precondition_grouped(k, v, None, 1e-6, solver).backward(grad)
 
     def flash_fwd():
         with torch.no_grad():
@@ -321,6 +340,60 @@ def time_preconditioner(device, b: int, h: int, n: int, d: int) -> dict:
     return {"B": b, "H": h, "N": n, "D": d, "precond_fwd_ms": pf, "flash_fwd_ms": ff, "fwd_ratio": pf / ff,
             "precond_bwd_ms": pb - pf, "flash_bwd_ms": fb - ff, "bwd_ratio": (pb - pf) / max(fb - ff, 1e-9),
             "precond_peak_mib": max(pf_mem, pb_mem) / 2**20, "flash_peak_mib": max(ff_mem, fb_mem) / 2**20}
+
+
+TUNING_SHAPE = (1, 8, 8192, 128)  # B, Hkv, N, D: few heads, so the sequential chain matters
+
+
+def tune_kernels(device, cpu_smoke: bool, deadline: float) -> dict:
+    """Forward/backward time of each (BM, num_warps, num_stages, group) candidate at one shape; a candidate
+    that fails to launch (e.g. out of shared memory) is recorded as such.  For choosing configs.config_for."""
+    from lucid_triton import KernelConfig
+
+    shape = (1, 2, 64, 16) if cpu_smoke else TUNING_SHAPE
+    # (BM, warps, stages, group): the default first, then one knob changed at a time (each compiles anew)
+    grid = [(32, 4, 2, 4)] if cpu_smoke else [(64, 8, 2, 4), (64, 4, 2, 4), (64, 8, 3, 4), (64, 8, 2, 2),
+                                              (64, 8, 2, 8), (128, 8, 2, 4)]
+    rows, skipped = [], []
+    for bm, warps, stages, group in grid:
+        if time.monotonic() > deadline:
+            skipped.append(f"BM={bm} w={warps} s={stages} g={group}")
+            continue
+        cfg = KernelConfig(block_m=bm, block_n=64, group=group, num_warps=warps, num_stages=stages)
+        try:
+            r = time_preconditioner(device, *shape, config=cfg)
+            rows.append({"block_m": bm, "num_warps": warps, "num_stages": stages, "group": group,
+                         "fwd_ms": r["precond_fwd_ms"], "bwd_ms": r["precond_bwd_ms"], "fwd_ratio": r["fwd_ratio"],
+                         "bwd_ratio": r["bwd_ratio"]})
+        except Exception as err:  # noqa: BLE001 - a config that cannot launch is a result too
+            rows.append({"block_m": bm, "num_warps": warps, "num_stages": stages, "group": group,
+                         "error": f"{type(err).__name__}: {str(err)[:120]}"})
+    return {"status": "PASS", "shape": list(shape), "candidates": rows, "skipped": skipped}
+
+
+def check_numerics(device, cpu_smoke: bool) -> dict:
+    """bf16 LUCID vs bf16 flash attention errors against float64 (selftest.numerics), random and correlated
+    keys; LUCID must stay within 2x flash's own error (the bound the CPU test also uses)."""
+    import torch
+
+    from .numerics import error_table
+
+    if cpu_smoke:  # the interpreter's bf16 dot is wrong: fp16 stands in
+        rows = error_table(device, n=64, heads=1, d=16, dtype=torch.float16)
+    else:
+        rows = error_table(device, n=4096, heads=4, d=128)
+    ok = True
+    for kind in ("random", "correlated"):
+        lucid = max(v for r in rows if r["keys"] == kind and r["attention"] == "lucid" for k, v in r.items()
+                    if k in ("out", "dq", "dk", "dv"))
+        flash = max(v for r in rows if r["keys"] == kind and r["attention"] == "softmax" for k, v in r.items()
+                    if k in ("out", "dq", "dk", "dv"))
+        ok &= math.isfinite(lucid) and lucid <= NUMERICS_RATIO * flash
+    return {"status": "PASS" if ok else "FAIL", "rows": rows, "bound": f"LUCID <= {NUMERICS_RATIO} x flash"}
+
+
+NUMERICS_RATIO = 2.0
+TUNING_SECONDS = 60.0  # after the timings' budget
 
 
 def time_model_step(runtime, preset: str, tokens: int) -> dict:
@@ -414,6 +487,7 @@ def run_selftest(out: str | Path, *, cpu_smoke: bool = False, budget_s: float = 
         return value
 
     part("kernels", check_kernels, device, cpu_smoke)
+    part("numerics", check_numerics, device, cpu_smoke)
     config = _train_config(out, cpu_smoke)
     training = part("training", check_training, out, config, device)
     local = training.get("runs", {}).get("bf16-local", {})
@@ -424,6 +498,7 @@ def run_selftest(out: str | Path, *, cpu_smoke: bool = False, budget_s: float = 
         results.record("resume", {"status": "FAIL", "error": "no bf16-local run to resume"})
         results.record("hf", {"status": "FAIL", "error": "no bf16-local run to export"})
     part("timings", check_timings, device, cpu_smoke, started + budget_s)
+    part("tuning", tune_kernels, device, cpu_smoke, started + budget_s + TUNING_SECONDS)
     results.data["header"]["seconds"] = round(time.monotonic() - started, 1)
     results.record("done", {"status": "ok"})
     print((out / "results.md").read_text())

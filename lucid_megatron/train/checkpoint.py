@@ -20,8 +20,8 @@ with a warning, because DeepSpeed's ZeRO partitions cannot be resharded.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import pickle
 import pickletools
 import re
@@ -36,40 +36,16 @@ import yaml
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from lucid_megatron import atomic
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _gathered_parameters(engine):
     """ZeRO-3 keeps parameters partitioned: gather them (read-only) for a full-weight save."""
     if engine is not None and engine.zero_optimization_stage() == 3:
         return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    return _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return contextlib.nullcontext()
 
 
 def rng_state() -> dict:
@@ -132,17 +108,16 @@ class Checkpointer:
         engine.save_checkpoint(str(partial / "deepspeed"), tag="state", save_latest=False)
         torch.save(rng_state(), partial / "rng" / f"rank_{rank}.pt")
         if rank == 0:
-            _atomic_write_text(partial / "state.json", json.dumps({"step": step, **state}, indent=1))
+            atomic.write_text(partial / "state.json", json.dumps({"step": step, **state}, indent=1))
             for name, text in (files or {}).items():
-                _atomic_write_text(partial / name, text)
+                atomic.write_text(partial / name, text)
         dist.barrier()
         if rank == 0:
-            _atomic_write_text(partial / "COMPLETE", "")
+            atomic.write_text(partial / "COMPLETE", "")
             if final.exists():  # an older save of the same step (e.g. re-run after preemption)
                 shutil.rmtree(final)
-            os.replace(partial, final)
-            _fsync_dir(self.root)
-            _atomic_write_text(self.root / "latest", final.name)
+            atomic.publish_dir(partial, final)
+            atomic.write_text(self.root / "latest", final.name)
             for old in self.complete_checkpoints()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
@@ -336,10 +311,10 @@ def save_weights_checkpoint(path: str | Path, model: torch.nn.Module, state: dic
     dist_checkpointing.save(model.sharded_state_dict(), str(partial / "model"))
     dist.barrier()
     if dist.get_rank() == 0:
-        _atomic_write_text(partial / "state.json", json.dumps(state, indent=1))
+        atomic.write_text(partial / "state.json", json.dumps(state, indent=1))
         for name, text in files.items():
-            _atomic_write_text(partial / name, text)
-        _atomic_write_text(partial / "COMPLETE", "")
-        os.replace(partial, path)
+            atomic.write_text(partial / name, text)
+        atomic.write_text(partial / "COMPLETE", "")
+        atomic.publish_dir(partial, path)
     dist.barrier()
     return path

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from lucid_megatron.data.files import atomic_write_text
+from lucid_megatron.atomic import write_text as atomic_write_text
 
 # metrics.jsonl key -> TensorBoard tag
 TENSORBOARD_TAGS = {

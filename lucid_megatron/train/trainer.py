@@ -23,12 +23,12 @@ import yaml
 from megatron.core import parallel_state
 from torch.distributed.checkpoint.api import CheckpointException
 
+from lucid_megatron import atomic
 from lucid_megatron.config.schema import to_dict
 from lucid_megatron.config.train import TrainConfig, dump_config
 from lucid_megatron.data import loader as data_loader
 from lucid_megatron.data.shards import read_manifest
-from lucid_megatron.data.synth import write_synth_dataset
-from lucid_megatron.data.tokenizer import ByteTokenizer
+from lucid_megatron.data.synth import ensure_synth_dataset
 from lucid_megatron.runtime import start_runtime, stop_runtime
 from lucid_megatron.runtime.parallelize import EngineOptions, build_engine, build_model, params_dtype
 
@@ -51,9 +51,7 @@ def write_status(run_dir: Path, state: str, step: int) -> None:
     """
     if dist.get_rank() != 0:
         return
-    tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps({"state": state, "step": step, "time": time.time()}))
-    os.replace(tmp, run_dir / "status.json")
+    atomic.write_text(run_dir / "status.json", json.dumps({"state": state, "step": step, "time": time.time()}))
 
 
 def _say(text: str) -> None:
@@ -226,14 +224,8 @@ class Trainer:
 
     def _ensure_dataset(self) -> None:
         """Rank 0 writes the synthetic dataset when configured and missing; the others wait."""
-        cfg, path = self.cfg, Path(self.cfg.data.path)
-        if self.runtime.is_first_rank and not (path / "manifest.json").exists() and cfg.data.synth is not None:
-            s = cfg.data.synth
-            _say(f"writing the synthetic retrieval dataset to {path} ({s.train_docs} train documents)")
-            write_synth_dataset(
-                path, s.task, train_docs=s.train_docs, valid_docs=s.valid_docs,
-                docs_per_shard=s.docs_per_shard, seed=s.seed, tokenizer=ByteTokenizer(),
-            )
+        if self.runtime.is_first_rank:
+            ensure_synth_dataset(self.cfg.data, say=_say)
         dist.barrier()
 
     # ---- one step each -------------------------------------------------------------------------

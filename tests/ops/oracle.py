@@ -1,6 +1,6 @@
 """A second, deliberately naive LUCID oracle: token-by-token forward substitution in float64.
 
-Written from the spec's decode rule (section 2), not from the dense reference, so that the two
+Written from the decode rule (docs/operator.md, "The math"), not from the dense reference, so that the two
 independent definitions check each other.
 """
 

@@ -15,7 +15,8 @@ def full_inputs(batch, doc_lengths, hq, hkv, d, dv, dtype, seed=0):
     return make(batch, n, hq, d), make(batch, n, hkv, d), make(batch, n, hkv, dv), make(batch, n, hq, dv)
 
 
-def cp_attention_rank(rank, world_size, mode, lucid, batch, doc_lengths, hq, hkv, d, dv, dtype, sub_chunks):
+def cp_attention_rank(rank, world_size, mode, lucid, batch, doc_lengths, hq, hkv, d, dv, dtype, sub_chunks,
+                      backend="auto"):
     """Run one CP attention on this rank's zigzag share; return its output and input gradients."""
     dist.init_process_group("gloo")
     layout = ZigzagLayout(tuple(doc_lengths), world_size, rank)
@@ -24,10 +25,10 @@ def cp_attention_rank(rank, world_size, mode, lucid, batch, doc_lengths, hq, hkv
     leaves = [x[:, pos].clone().requires_grad_() for x in (q, k, v)]
     scale = d**-0.5 * 0.9
     if mode == "a2a":
-        out = a2a_attention(*leaves, layout, dist.group.WORLD, lucid=lucid, eps=1e-6, scale=scale)
+        out = a2a_attention(*leaves, layout, dist.group.WORLD, lucid=lucid, eps=1e-6, scale=scale, backend=backend)
     else:
         out = p2p_attention(*leaves, layout, dist.group.WORLD, lucid=lucid, eps=1e-6, scale=scale,
-                            sub_chunks=sub_chunks, block_cols=16)
+                            sub_chunks=sub_chunks, block_cols=16, backend=backend)
     out.backward(grad_out[:, pos])
     return dict(positions=pos, out=out.detach(), dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
 

@@ -52,3 +52,18 @@ def test_cp2_equals_single_process(case, lucid, mode, sub_chunks):
         got = _assemble(results, name)
         err = ((got - want[name]).abs().max() / want[name].abs().max()).item()
         assert err < 1e-10, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("mode,sub_chunks", [("p2p", 3), ("a2a", 1)], ids=["p2p-sub3", "a2a"])
+def test_cp2_through_the_triton_solver(mode, sub_chunks):
+    """The same pipelines with the Triton kernels as the solver (interpreted: TRITON_INTERPRET=1 is inherited
+    by the ranks), float32 against the float64 reference."""
+    pytest.importorskip("triton", reason="Triton is an optional extra: pip install '.[triton]'")
+    batch, docs, hq, hkv, d, dv = CASES["packed-gqa"]
+    results = run_on_ranks(cp_attention_rank, 2, mode, True, batch, docs, hq, hkv, d, dv, torch.float32, sub_chunks,
+                           "triton")
+    want = _reference(True, batch, docs, hq, hkv, d, dv, torch.float64)
+    for name in ("out", "dq", "dk", "dv"):
+        got = _assemble(results, name).double()
+        err = ((got - want[name]).abs().max() / want[name].abs().max()).item()
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
