@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from importlib import resources
 from pathlib import Path
 from typing import Literal, Union
 
 
 from .schema import ConfigError, from_dict, read_yaml_file
 
-MODEL_PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+# Package data (pyproject: package-data), so a wheel install finds them as well as a checkout.
+MODEL_PRESET_DIR = Path(str(resources.files("lucid_megatron.config") / "presets"))
 
 
 def parse_lucid_layers(pattern: Union[str, list[int]], num_layers: int) -> list[bool]:
@@ -110,7 +112,7 @@ def model_preset_names() -> list[str]:
 
 
 def load_model_config(name_or_path: str, overrides: dict | None = None) -> ModelConfig:
-    """A named preset from configs/models/ (e.g. ``"tiny"``) or a YAML path, plus overrides."""
+    """A named preset from lucid_megatron/config/presets/ (e.g. ``"tiny"``) or a YAML path, plus overrides."""
     path = Path(name_or_path)
     if not path.suffix:
         path = MODEL_PRESET_DIR / f"{name_or_path}.yaml"

@@ -47,12 +47,20 @@ def check_model_fits(model: "ModelConfig", parallel: ParallelConfig) -> None:
         )
     cp = parallel.context_parallel_size
     if cp > 1 and parallel.cp_comm_type == "a2a" and not problems:
-        heads, kv_heads = model.num_attention_heads // tp, model.kv_heads // tp
-        if heads % cp or (kv_heads % cp and cp % kv_heads):
-            problems.append(
-                f"cp_comm_type='a2a' needs the attention heads per TP rank ({heads}) divisible by "
-                f"context_parallel_size ({cp}) and the KV heads per TP rank ({kv_heads}) dividing or divisible "
-                "by it; use cp_comm_type='p2p'"
-            )
+        try:
+            check_a2a_heads(model.num_attention_heads // tp, model.kv_heads // tp, cp)
+        except ValueError as err:
+            problems.append(str(err))
     if problems:
         raise ValueError("model does not fit the parallel layout: " + "; ".join(problems))
+
+
+def check_a2a_heads(num_heads: int, num_kv_heads: int, cp_size: int) -> None:
+    """Raise a ValueError naming the head counts when ``a2a`` cannot split them over ``cp_size`` ranks (the one
+    statement of this rule: the config check, the layer and the operator all call it)."""
+    if num_heads % cp_size or (num_kv_heads % cp_size and cp_size % num_kv_heads):
+        raise ValueError(
+            f"cp_comm_type='a2a' splits heads over context-parallel ranks: the attention heads per TP rank "
+            f"({num_heads}) must be divisible by context_parallel_size ({cp_size}), and the KV heads per TP "
+            f"rank ({num_kv_heads}) must divide or be divisible by it; use cp_comm_type='p2p' instead"
+        )

@@ -16,9 +16,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message starts with its dotted path."""
+from lucid_megatron.errors import ConfigError  # noqa: F401  (re-exported: the config package's error)
 
 
 # A config is a few hundred values; a YAML "billion laughs" (aliases of aliases) expands to billions.

@@ -19,7 +19,7 @@ from .model import MODEL_PRESET_DIR, ModelConfig, model_preset_names
 from .parallel import ParallelConfig, check_model_fits
 from .schema import ConfigError, _short, from_dict, parse_yaml, read_yaml_file, to_dict
 
-CONFIG_DIR = MODEL_PRESET_DIR.parent
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # training configs by name: a checkout only
 
 
 @dataclasses.dataclass

@@ -127,6 +127,7 @@ def compare_logits(checkpoint, hf_dir, *, batches: int = 4, batch_size: int = 2,
     float32 on this process's device: max |logit difference|, KL(megatron || hf) per token, top-1 agreement."""
     from transformers import AutoModelForCausalLM
 
+    import lucid_megatron.hf  # noqa: F401  (registers the LUCID classes: own exports need no remote code)
     from lucid_megatron.convert import megatron_io
 
     checkpoint = megatron_io.resolve_checkpoint(checkpoint)

@@ -123,7 +123,7 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def write_hf_dir(out_dir: Path, weights: dict[str, torch.Tensor], config: LucidConfig, tokenizer,
                  *, max_shard_size: str = "5GB") -> Path:
-    """Write the model directory atomically (``OUT.partial`` renamed at the end)."""
+    """Write the model directory atomically (staged next to ``OUT``, renamed at the end)."""
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 

@@ -22,55 +22,80 @@ import torch
 
 from lucid_megatron.config import ModelConfig
 
+# The one name map, Megatron -> Hugging Face; the other direction inverts it.  "{i}" is the layer index.
+NAMES = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",  # untied embeddings only
+    "decoder.layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
+    "decoder.layers.{i}.self_attention.linear_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "decoder.layers.{i}.pre_mlp_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "decoder.layers.{i}.mlp.linear_fc2.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# The only special cases: Megatron fuses these, Hugging Face keeps them apart.
+QKV = ("decoder.layers.{i}.self_attention.linear_qkv.weight",
+       ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+        "model.layers.{i}.self_attn.v_proj.weight"))
+FC1 = ("decoder.layers.{i}.mlp.linear_fc1.weight",
+       ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"))
+
+
+def name_map(cfg: ModelConfig) -> dict[str, str]:
+    """Every one-to-one tensor of a model, Megatron name -> Hugging Face name."""
+    names = {}
+    for megatron, hf in NAMES.items():
+        if megatron == "output_layer.weight" and cfg.tie_embeddings:
+            continue
+        layers = range(cfg.num_layers) if "{i}" in megatron else [None]
+        names.update({megatron.format(i=i): hf.format(i=i) for i in layers})
+    return names
+
 
 def _qkv_shape(cfg: ModelConfig):
     groups = cfg.kv_heads
     return groups, cfg.num_attention_heads // groups, cfg.kv_channels, cfg.hidden_size
 
 
+def _contiguous(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in weights.items()}  # no shared views
+
+
 def megatron_to_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     groups, per_group, hd, hidden = _qkv_shape(cfg)
-    out = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"],
-           "model.norm.weight": weights["decoder.final_layernorm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = weights["output_layer.weight"]
+    out = {hf: weights[megatron] for megatron, hf in name_map(cfg).items()}
     for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = weights[m + "self_attention.linear_qkv.weight"].reshape(groups, per_group + 2, hd, hidden)
-        gate, up = weights[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out.update({
-            h + "input_layernorm.weight": weights[m + "input_layernorm.weight"],
-            h + "self_attn.q_proj.weight": qkv[:, :per_group].reshape(groups * per_group * hd, hidden),
-            h + "self_attn.k_proj.weight": qkv[:, per_group].reshape(groups * hd, hidden),
-            h + "self_attn.v_proj.weight": qkv[:, per_group + 1].reshape(groups * hd, hidden),
-            h + "self_attn.o_proj.weight": weights[m + "self_attention.linear_proj.weight"],
-            h + "post_attention_layernorm.weight": weights[m + "pre_mlp_layernorm.weight"],
-            h + "mlp.gate_proj.weight": gate,
-            h + "mlp.up_proj.weight": up,
-            h + "mlp.down_proj.weight": weights[m + "mlp.linear_fc2.weight"],
-        })
-    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}  # no shared views
+        qkv = weights[QKV[0].format(i=i)].reshape(groups, per_group + 2, hd, hidden)
+        q, k, v = (name.format(i=i) for name in QKV[1])
+        out[q] = qkv[:, :per_group].reshape(groups * per_group * hd, hidden)
+        out[k] = qkv[:, per_group].reshape(groups * hd, hidden)
+        out[v] = qkv[:, per_group + 1].reshape(groups * hd, hidden)
+        gate, up = (name.format(i=i) for name in FC1[1])
+        out[gate], out[up] = weights[FC1[0].format(i=i)].chunk(2, dim=0)
+    return _contiguous(out)
+
+
+def hf_to_megatron(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    groups, per_group, hd, hidden = _qkv_shape(cfg)
+    out = {megatron: weights[hf] for megatron, hf in name_map(cfg).items()}
+    for i in range(cfg.num_layers):
+        q, k, v = (weights[name.format(i=i)] for name in QKV[1])
+        parts = [q.reshape(groups, per_group, hd, hidden), k.reshape(groups, 1, hd, hidden),
+                 v.reshape(groups, 1, hd, hidden)]
+        out[QKV[0].format(i=i)] = torch.cat(parts, dim=1).reshape(-1, hidden)
+        out[FC1[0].format(i=i)] = torch.cat([weights[name.format(i=i)] for name in FC1[1]], dim=0)
+    return _contiguous(out)
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    hidden, hd, ffn, vocab = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size, cfg.padded_vocab_size
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (vocab, hidden)
-    for i in range(cfg.num_layers):
-        h = f"model.layers.{i}."
-        shapes.update({
-            h + "input_layernorm.weight": (hidden,),
-            h + "self_attn.q_proj.weight": (cfg.num_attention_heads * hd, hidden),
-            h + "self_attn.k_proj.weight": (cfg.kv_heads * hd, hidden),
-            h + "self_attn.v_proj.weight": (cfg.kv_heads * hd, hidden),
-            h + "self_attn.o_proj.weight": (hidden, cfg.num_attention_heads * hd),
-            h + "post_attention_layernorm.weight": (hidden,),
-            h + "mlp.gate_proj.weight": (ffn, hidden),
-            h + "mlp.up_proj.weight": (ffn, hidden),
-            h + "mlp.down_proj.weight": (hidden, ffn),
-        })
-    return shapes
+    """Parameter shapes of the Hugging Face model for ``cfg``, read off the model itself built on the meta
+    device (no memory, no initialisation); tied embeddings appear once."""
+    from lucid_megatron.hf import LucidForCausalLM
+
+    from .hf_io import hf_config_for
+
+    with torch.device("meta"):
+        model = LucidForCausalLM(hf_config_for(cfg, {}))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def check_hf_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> None:
@@ -82,26 +107,3 @@ def check_hf_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig, source:
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(weights[name].shape)}, expected {shape}")
-
-
-def hf_to_megatron(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    groups, per_group, hd, hidden = _qkv_shape(cfg)
-    out = {"embedding.word_embeddings.weight": weights["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": weights["model.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["output_layer.weight"] = weights["lm_head.weight"]
-    for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q = weights[h + "self_attn.q_proj.weight"].reshape(groups, per_group, hd, hidden)
-        k = weights[h + "self_attn.k_proj.weight"].reshape(groups, 1, hd, hidden)
-        v = weights[h + "self_attn.v_proj.weight"].reshape(groups, 1, hd, hidden)
-        out.update({
-            m + "input_layernorm.weight": weights[h + "input_layernorm.weight"],
-            m + "self_attention.linear_qkv.weight": torch.cat([q, k, v], dim=1).reshape(-1, hidden),
-            m + "self_attention.linear_proj.weight": weights[h + "self_attn.o_proj.weight"],
-            m + "pre_mlp_layernorm.weight": weights[h + "post_attention_layernorm.weight"],
-            m + "mlp.linear_fc1.weight": torch.cat([weights[h + "mlp.gate_proj.weight"],
-                                                    weights[h + "mlp.up_proj.weight"]], dim=0),
-            m + "mlp.linear_fc2.weight": weights[h + "mlp.down_proj.weight"],
-        })
-    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}  # no shared views

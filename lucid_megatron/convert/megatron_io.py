@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from lucid_megatron.config import ModelConfig, from_dict, to_dict
+from lucid_megatron.checkpoint import (  # noqa: F401  (read_* and resolve_* re-exported for the converters)
+    Checkpointer, read_model_config, read_state, resolve_checkpoint, save_weights_checkpoint)
+from lucid_megatron.config import ModelConfig, to_dict
 from lucid_megatron.runtime import Runtime, start_runtime, stop_runtime
 from lucid_megatron.runtime.parallelize import build_model, portable_model_config
-from lucid_megatron.train.checkpoint import Checkpointer, resolve_checkpoint, save_weights_checkpoint  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -37,20 +37,6 @@ def single_process():
 def _on_host() -> Runtime:
     """The current runtime, placed on the CPU: conversion reads and writes weights on the host."""
     return dataclasses.replace(Runtime.current(), device=torch.device("cpu"))
-
-
-def read_model_config(checkpoint: Path) -> ModelConfig:
-    path = Path(checkpoint) / "model.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the checkpoint does not record its model architecture")
-    return from_dict(ModelConfig, yaml.safe_load(path.read_text()), "model")
-
-
-def read_state(checkpoint: Path) -> dict:
-    path = Path(checkpoint) / "state.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing")
-    return json.loads(path.read_text())
 
 
 def load_megatron_weights(checkpoint: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lucid_megatron.config.schema import ConfigError
+from lucid_megatron.errors import ConfigError  # the layout is checked against config values
 
 from .packing import RowPacker
 from .shards import Manifest, read_manifest
@@ -37,6 +38,11 @@ class MicroBatch:
     # cu_seqlens as read on the host before the batch moved to a device (attention layers use it, so
     # they never copy boundaries back from the device)
     cu_seqlens_host: tuple[int, ...] | None = None
+    # Under context parallelism (set by parallel.context.split_micro_batch, once per micro-batch): this rank's
+    # zigzag layout, which every attention layer reuses, and the index of each local token in the unsplit
+    # row (-1: padding), which evaluation needs to put predictions back in order.  Both stay on the host.
+    cp_layout: Any = None
+    source_positions: torch.Tensor | None = None
 
     @classmethod
     def padding(cls, num_rows: int, seq_length: int, pad_id: int) -> "MicroBatch":

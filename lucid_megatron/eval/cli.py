@@ -158,7 +158,7 @@ def _ppl(args) -> int:
 def run(args) -> int:
     world = args.tensor_parallel_size * args.context_parallel_size
     if world > 1 and "WORLD_SIZE" not in os.environ:  # start the processes
-        from lucid_megatron.launch.local import run_torchrun
+        from lucid_megatron.runtime.torchrun import run_torchrun
 
         return run_torchrun(world, args._argv)
     try:

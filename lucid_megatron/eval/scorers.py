@@ -38,10 +38,10 @@ class MegatronScorer:
 
     def __init__(self, checkpoint: str | Path, *, tp: int = 1, cp: int = 1, cp_comm_type: str = "p2p"):
         from lucid_megatron.config import ParallelConfig
-        from lucid_megatron.convert.megatron_io import read_model_config, resolve_checkpoint
+        from lucid_megatron.checkpoint import read_model_config, resolve_checkpoint
         from lucid_megatron.runtime import Runtime, start_runtime
         from lucid_megatron.runtime.parallelize import build_model, portable_model_config
-        from lucid_megatron.train.checkpoint import Checkpointer
+        from lucid_megatron.checkpoint import Checkpointer
 
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.cfg = portable_model_config(read_model_config(self.checkpoint))
@@ -58,20 +58,10 @@ class MegatronScorer:
     def _local(self, batch):
         """This rank's share of ``batch`` on the device and, per local token, its index in the unpadded batch
         (-1: padding), also on the device."""
-        from lucid_megatron.parallel.context import ZigzagLayout
-
         local = self.runtime.micro_batch(batch)
         if self.cp == 1:
             return local, torch.arange(batch.tokens.shape[1], device=self.runtime.device)
-        padded = local.cu_seqlens_host
-        bounds = batch.cu_seqlens.tolist()
-        rank = torch.distributed.get_rank(self.runtime.context_parallel_group)
-        layout = ZigzagLayout(tuple(b - a for a, b in zip(padded, padded[1:])), self.cp, rank)
-        original = []
-        for i, (pa, pb) in enumerate(zip(padded, padded[1:])):
-            a, b = (bounds[i], bounds[i + 1]) if i + 1 < len(bounds) else (0, 0)  # documents are padded at the end
-            original.append(torch.cat([torch.arange(a, b), torch.full((pb - pa - (b - a),), -1)]))
-        return local, torch.cat(original)[layout.local_positions].to(self.runtime.device)
+        return local, local.source_positions.to(self.runtime.device)  # from the split, once per batch
 
     def _gather(self, values: torch.Tensor, positions: torch.Tensor, total: int, fill) -> torch.Tensor:
         """Local values at original positions (-1: padding) -> the full sequence on every rank, on the host."""
@@ -127,6 +117,8 @@ class HFScorer:
 
     def __init__(self, path: str | Path, *, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
+
+        import lucid_megatron.hf  # noqa: F401  (registers the LUCID classes: own exports need no remote code)
 
         self.model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code,
                                                           dtype=torch.float32).eval()

@@ -18,9 +18,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
+from typing import Any, Optional
 
 from lucid_megatron.atomic import write_text as atomic_write_text
+from lucid_megatron.config.schema import ConfigError, from_dict, parse_yaml
 
 
 @dataclasses.dataclass
@@ -51,52 +52,69 @@ class Experiment:
         return command
 
 
-_EVAL_KEYS = {"lengths", "needles", "queries", "key_len", "value_len", "filler_words", "num_samples", "seed",
-              "batch_size"}
+@dataclasses.dataclass
+class NiahOptions:
+    """``eval:`` of an experiment file: the options of ``lucid eval niah`` (unset ones keep its defaults)."""
+
+    lengths: list[int]
+    needles: Optional[int] = None
+    queries: Optional[int] = None
+    key_len: Optional[int] = None
+    value_len: Optional[int] = None
+    filler_words: Optional[int] = None
+    num_samples: Optional[int] = None
+    seed: Optional[int] = None
+    batch_size: Optional[int] = None
+
+    def validate(self) -> None:
+        if not self.lengths or any(n < 1 for n in self.lengths):
+            raise ValueError(f"lengths={self.lengths!r} must be a non-empty list of positive integers")
 
 
-def _overrides(name: str, mapping) -> list[str]:
-    if mapping is None:
-        return []
-    if not isinstance(mapping, dict):
-        raise ValueError(f"conditions.{name}: expected a mapping of section.key: value, got {mapping!r}")
-    return [f"{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in mapping.items()]
+@dataclasses.dataclass
+class ExperimentFile:
+    """The schema of an experiment file (validated by ``config.schema.from_dict`` like every config)."""
+
+    base: str  # the shared training config, relative to the experiment file
+    seeds: list[int]
+    conditions: dict[str, Optional[dict[str, Any]]]  # name -> {section.key: value} overrides of the base
+    eval: NiahOptions
+    plots: Optional[dict[str, list[str]]] = None  # plot name -> conditions drawn on it (default: all in one)
+    nproc_per_node: int = 1
+
+    def validate(self) -> None:
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds={self.seeds!r} must be a non-empty list of integers >= 0")
+        if not self.conditions:
+            raise ValueError("conditions must be a non-empty mapping of name -> overrides")
+        if self.nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node={self.nproc_per_node!r} must be an integer >= 1")
+        for name, members in (self.plots or {}).items():
+            missing = [m for m in members if m not in self.conditions]
+            if missing:
+                raise ValueError(f"plots.{name} names unknown conditions {missing}; known: {sorted(self.conditions)}")
+
+
+def _overrides(mapping: dict | None) -> list[str]:
+    return [f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+            for key, value in (mapping or {}).items()]
 
 
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"experiment file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    allowed = {"base", "seeds", "conditions", "eval", "plots", "nproc_per_node"}
-    unknown = set(data) - allowed
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    nproc = data.get("nproc_per_node", 1)
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"{path}: nproc_per_node={nproc!r} must be an integer >= 1")
-    for key in ("base", "seeds", "conditions", "eval"):
-        if key not in data:
-            raise ValueError(f"{path}: missing {key!r}")
-    base = (path.parent / data["base"]).resolve()
+    try:
+        spec = from_dict(ExperimentFile, parse_yaml(path.read_text(), str(path)) or {})
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    base = (path.parent / spec.base).resolve()
     if not base.exists():
         raise FileNotFoundError(f"{path}: base config {str(base)!r} does not exist")
-    seeds = data["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ValueError(f"{path}: seeds={seeds!r} must be a non-empty list of integers >= 0")
-    if not isinstance(data["conditions"], dict) or not data["conditions"]:
-        raise ValueError(f"{path}: conditions must be a non-empty mapping of name -> overrides")
-    conditions = {str(name): _overrides(name, sets) for name, sets in data["conditions"].items()}
-    bad_eval = set(data["eval"]) - _EVAL_KEYS
-    if bad_eval or "lengths" not in data["eval"]:
-        raise ValueError(f"{path}: eval needs 'lengths' and takes only {sorted(_EVAL_KEYS)}; got {sorted(data['eval'])}")
-    plots = data.get("plots") or {"all": list(conditions)}
-    for name, members in plots.items():
-        missing = [m for m in members if m not in conditions]
-        if missing:
-            raise ValueError(f"{path}: plots.{name} names unknown conditions {missing}; known: {sorted(conditions)}")
-    return Experiment(base=base, seeds=list(seeds), conditions=conditions, eval=dict(data["eval"]), plots=plots,
-                      nproc_per_node=nproc)
+    conditions = {name: _overrides(sets) for name, sets in spec.conditions.items()}
+    niah = {k: v for k, v in dataclasses.asdict(spec.eval).items() if v is not None}
+    return Experiment(base=base, seeds=list(spec.seeds), conditions=conditions, eval=niah,
+                      plots=spec.plots or {"all": list(conditions)}, nproc_per_node=spec.nproc_per_node)
 
 
 def _run_one(exp: Experiment, condition: str, seed: int, out: Path, extra: list[str], threads: int) -> dict:

@@ -1,1 +1,1 @@
-"""Starting training jobs: torchrun on this machine, sbatch scripts for SLURM clusters."""
+"""Starting training jobs on SLURM clusters: sbatch scripts, status, cancel (one machine: ``lucid train``)."""

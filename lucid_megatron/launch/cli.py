@@ -1,6 +1,5 @@
-"""``lucid launch local|slurm|status|cancel``.
+"""``lucid launch slurm|status|cancel`` (one machine: ``lucid train --nproc-per-node N``).
 
-    lucid launch local --nproc-per-node N CONFIG [--set k=v ...] [--run-dir DIR] [--resume auto]
     lucid launch slurm --nodes N --gpus-per-node G [--partition P --account A --time T --qos Q ...]
                        CONFIG [--set k=v ...] [--sweep FILE] [--dry-run]
     lucid launch status JOBID
@@ -25,12 +24,7 @@ def _common(parser) -> None:
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="launch_command", metavar="{local,slurm,status,cancel}", required=True)
-
-    local = sub.add_parser("local", help="torchrun on this machine")
-    local.add_argument("--nproc-per-node", type=int, required=True)
-    local.add_argument("--resume", help="'auto' or a checkpoint path")
-    _common(local)
+    sub = parser.add_subparsers(dest="launch_command", metavar="{slurm,status,cancel}", required=True)
 
     slurm = sub.add_parser("slurm", help="render an sbatch script, submit it, print the job id and log paths")
     slurm.add_argument("--nodes", type=int, default=1)
@@ -71,21 +65,6 @@ def _load_sweep(path: str) -> list[list[str]]:
     ):
         raise ConfigError(f"--sweep {path}: expected a YAML list of lists of 'section.key=value' strings")
     return data
-
-
-def _run_local(args) -> int:
-    from lucid_megatron.config.train import load_train_config
-    from lucid_megatron.launch.local import run_torchrun, train_arguments
-    from lucid_megatron.train.cli import default_run_dir, preflight
-
-    run_dir = Path(args.run_dir or default_run_dir(args.config))
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-        preflight(cfg, run_dir, args.resume, args.nproc_per_node)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        return _fail(str(err))
-    return run_torchrun(args.nproc_per_node, train_arguments(args.config, run_dir, args.overrides, args.resume),
-                        stop_grace_s=cfg.launch.stop_grace_s)
 
 
 def _run_slurm(args) -> int:
@@ -147,4 +126,4 @@ def _cancel(args) -> int:
 
 
 def run(args) -> int:
-    return {"local": _run_local, "slurm": _run_slurm, "status": _status, "cancel": _cancel}[args.launch_command](args)
+    return {"slurm": _run_slurm, "status": _status, "cancel": _cancel}[args.launch_command](args)

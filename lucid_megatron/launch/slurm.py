@@ -1,4 +1,4 @@
-"""Render and submit the SLURM batch script of a training run (template: launch/slurm.sbatch).
+"""Render and submit the SLURM batch script of a training run (template: slurm.sbatch, next to this module).
 
 One ``srun`` task per node runs torchrun with the c10d rendezvous on the allocation's first node; the job
 asks for a warning signal before its time limit (``--signal=USR1@...``), the trainer checkpoints on it,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from importlib import resources
 import shlex
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from string import Template
 
 from lucid_megatron import atomic
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch"
+TEMPLATE = Path(str(resources.files("lucid_megatron.launch") / "slurm.sbatch"))  # package data
 
 
 @dataclasses.dataclass

@@ -1,1 +1,1 @@
-"""Megatron-Core glue: LUCID core attention, layer specs, norms, the GPT builder, the CPU shim."""
+"""Megatron-Core glue: LUCID core attention, layer specs, norms, the GPT builder."""

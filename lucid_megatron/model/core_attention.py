@@ -24,7 +24,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from lucid_megatron.ops import lucid_attention, softmax_attention
 from lucid_megatron.parallel.context import ZigzagLayout
-from lucid_megatron.parallel.cp_a2a import a2a_attention, check_a2a_heads
+from lucid_megatron.config.parallel import check_a2a_heads
+from lucid_megatron.parallel.cp_a2a import a2a_attention
 from lucid_megatron.parallel.cp_p2p import p2p_attention
 
 CP_COMM_TYPES = ("a2a", "p2p")
@@ -45,8 +46,10 @@ class SoftmaxCoreAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        cp_sub_chunks: int = 1,
     ):
         super().__init__(config=config)
+        self.cp_sub_chunks = cp_sub_chunks  # p2p pipeline units per chunk (a spec param)
         name = type(self).__name__
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         problems = []
@@ -90,13 +93,16 @@ class SoftmaxCoreAttention(MegatronModule):
         """``[B, N, H, D]`` flash-attention layout in and out."""
         return softmax_attention(q, k, v, cu_seqlens=cu_seqlens, softmax_scale=self.softmax_scale)
 
+    def context_parallel_options(self) -> dict:
+        """What the context-parallel attention functions need to know about this attention."""
+        return dict(lucid=False, eps=1e-6, backend="auto")
+
     def attend_context_parallel(self, q, k, v, layout: ZigzagLayout):
         """The same attention with the sequence split over CP ranks (zigzag layout, [B, N_local, H, D])."""
-        common = dict(lucid=self.kind == "lucid", eps=getattr(self, "lucid_eps", 1e-6), scale=self.softmax_scale)
+        common = dict(scale=self.softmax_scale, **self.context_parallel_options())
         if self.cp_comm_type == "a2a":
-            return a2a_attention(q, k, v, layout, self.cp_group, backend=getattr(self, "backend", "auto"), **common)
-        return p2p_attention(q, k, v, layout, self.cp_group, sub_chunks=getattr(self, "cp_sub_chunks", 1),
-                             backend=getattr(self, "backend", "auto"), **common)
+            return a2a_attention(q, k, v, layout, self.cp_group, **common)
+        return p2p_attention(q, k, v, layout, self.cp_group, sub_chunks=self.cp_sub_chunks, **common)
 
     def forward(
         self,
@@ -127,8 +133,10 @@ class SoftmaxCoreAttention(MegatronModule):
             # THD: [t, heads, d] -> one packed row [1, t, heads, d].
             q, k, v = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if self.cp_size > 1:  # cu_seqlens are the padded global boundaries
-                bounds = cu_seqlens.tolist()
-                layout = self._layout([b - a for a, b in zip(bounds, bounds[1:])])
+                layout = packed_seq_params.cp_layout if isinstance(packed_seq_params, PackedDocuments) else None
+                if layout is None:  # boundaries from elsewhere (not our runtime): derive the layout here
+                    bounds = cu_seqlens.tolist()
+                    layout = self._layout([b - a for a, b in zip(bounds, bounds[1:])])
                 out = self.attend_context_parallel(q, k, v, layout)
             else:
                 out = self.attend(q, k, v, cu_seqlens)
@@ -156,11 +164,13 @@ class LucidCoreAttention(SoftmaxCoreAttention):
 
     kind = "lucid"
 
-    def __init__(self, *args, lucid_eps: float = 1e-6, backend: str = "auto", cp_sub_chunks: int = 1, **kwargs):
+    def __init__(self, *args, lucid_eps: float = 1e-6, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.lucid_eps = lucid_eps
         self.backend = backend
-        self.cp_sub_chunks = cp_sub_chunks
+
+    def context_parallel_options(self) -> dict:
+        return dict(lucid=True, eps=self.lucid_eps, backend=self.backend)
 
     def attend(self, q, k, v, cu_seqlens):
         return lucid_attention(
@@ -179,6 +189,7 @@ class PackedDocuments(PackedSeqParams):
     """
 
     host_cu_seqlens: tuple[int, ...] | None = None
+    cp_layout: ZigzagLayout | None = None  # under context parallelism: built once per micro-batch, shared by layers
 
 
 def _self_attention_cu_seqlens(packed_seq_params) -> torch.Tensor:

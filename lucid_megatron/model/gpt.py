@@ -11,7 +11,7 @@ from megatron.core.transformer import TransformerConfig
 from lucid_megatron.config import ModelConfig, ParallelConfig
 from lucid_megatron.config.parallel import check_model_fits
 
-from .cpu_shim import apply_cpu_shim
+from lucid_megatron.parallel.cpu_shim import apply_cpu_shim
 from .specs import get_lucid_block_spec, transformer_engine_import_error
 
 

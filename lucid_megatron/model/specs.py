@@ -37,7 +37,7 @@ def core_attention_spec(lucid: bool, *, lucid_eps: float = 1e-6, backend: str = 
     if lucid:
         params = {"lucid_eps": lucid_eps, "backend": backend, "cp_sub_chunks": cp_sub_chunks}
         return ModuleSpec(module=LucidCoreAttention, params=params)
-    return ModuleSpec(module=SoftmaxCoreAttention)
+    return ModuleSpec(module=SoftmaxCoreAttention, params={"cp_sub_chunks": cp_sub_chunks})
 
 
 def get_lucid_layer_local_spec(lucid: bool = True, *, lucid_eps: float = 1e-6, backend: str = "auto",

@@ -189,4 +189,6 @@ def split_micro_batch(micro_batch, cp_size: int, cp_rank: int, *, multiple_of: i
         cu_seqlens=torch.tensor([0, *itertools.accumulate(padded)], dtype=torch.int32),
         cu_seqlens_host=None,
         max_seqlen=max(padded),
+        cp_layout=layout,
+        source_positions=picked,
     )

@@ -10,19 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from lucid_megatron.config.parallel import check_a2a_heads
 from lucid_megatron.ops import lucid_attention, softmax_attention
 
 from .context import ZigzagLayout, all_to_all
-
-
-def check_a2a_heads(num_heads: int, num_kv_heads: int, cp_size: int) -> None:
-    """Raise a ValueError naming the head counts when ``a2a`` cannot split them over ``cp_size`` ranks."""
-    if num_heads % cp_size or (num_kv_heads % cp_size and cp_size % num_kv_heads):
-        raise ValueError(
-            f"cp_comm_type='a2a' splits heads over context-parallel ranks: the attention heads per TP rank "
-            f"({num_heads}) must be divisible by context_parallel_size ({cp_size}), and the KV heads per TP "
-            f"rank ({num_kv_heads}) must divide or be divisible by it; use cp_comm_type='p2p' instead"
-        )
 
 
 class _SequenceToHeads(torch.autograd.Function):

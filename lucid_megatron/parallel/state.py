@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from lucid_megatron.model.cpu_shim import apply_cpu_shim
+from .cpu_shim import apply_cpu_shim
 
 
 def initialize_parallel(

@@ -145,6 +145,7 @@ def packed_seq_params(micro_batch) -> PackedDocuments:
     return PackedDocuments(
         qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
         max_seqlen_q=micro_batch.max_seqlen, max_seqlen_kv=micro_batch.max_seqlen, host_cu_seqlens=host,
+        cp_layout=micro_batch.cp_layout,
     )
 
 

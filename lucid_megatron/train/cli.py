@@ -37,7 +37,7 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
     from lucid_megatron.train.schedule import check_layout
     from lucid_megatron.data import loader as data_loader
     from lucid_megatron.data.shards import read_manifest
-    from lucid_megatron.train.checkpoint import Checkpointer, resolve_checkpoint
+    from lucid_megatron.checkpoint import Checkpointer, resolve_checkpoint
     from lucid_megatron.train.run_lock import RunDirBusy, check_free
 
     import torch
@@ -99,13 +99,11 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_head
 
 def check_same_model(model, checkpoint: Path) -> None:
     """Refuse to resume ``checkpoint`` into a model of other shapes, naming each field that differs."""
-    from lucid_megatron.config.model import ModelConfig
-    from lucid_megatron.config.schema import from_dict, read_yaml_file
+    from lucid_megatron.checkpoint import read_model_config
 
-    path = Path(checkpoint) / "model.yaml"
-    if not path.exists():
+    saved = read_model_config(checkpoint, required=False)
+    if saved is None:
         return  # checkpoints from before model.yaml was recorded: Megatron checks the shapes when loading
-    saved = from_dict(ModelConfig, read_yaml_file(path), "checkpoint model")
     differ = [f"model.{name}: config {getattr(model, name)!r}, checkpoint {getattr(saved, name)!r}"
               for name in SHAPE_FIELDS if getattr(model, name) != getattr(saved, name)]
     if differ:
@@ -146,7 +144,7 @@ def run(args) -> int:
             print(f"lucid train: stopped: {err}", file=sys.stderr, flush=True)
             return 1
 
-    from lucid_megatron.launch.local import run_torchrun, train_arguments
+    from lucid_megatron.runtime.torchrun import run_torchrun, train_arguments
 
     return run_torchrun(nproc, train_arguments(args.config, run_dir, args.overrides, args.resume),
                         stop_grace_s=cfg.launch.stop_grace_s)

@@ -32,7 +32,8 @@ from lucid_megatron.data.synth import ensure_synth_dataset
 from lucid_megatron.runtime import start_runtime, stop_runtime
 from lucid_megatron.runtime.parallelize import EngineOptions, build_engine, build_model, params_dtype
 
-from .checkpoint import Checkpointer, checkpoint_problem, nonfinite_weights, resolve_checkpoint
+from lucid_megatron.checkpoint import (Checkpointer, checkpoint_problem, nonfinite_weights, read_state,
+                                       resolve_checkpoint)
 from .engine import StepResult, evaluate, rows_digest, train_step
 from .metrics import MetricsLogger
 from .run_lock import RunDirLock
@@ -47,7 +48,7 @@ class TrainingStopped(RuntimeError):
 def write_status(run_dir: Path, state: str, step: int) -> None:
     """``RUN_DIR/status.json``: running | preempted | stopped | finished | failed (rank 0, atomic).
 
-    Job scripts read it to decide between exiting and requeueing (launch/slurm.sbatch).
+    Job scripts read it to decide between exiting and requeueing (lucid_megatron/launch/slurm.sbatch).
     """
     if dist.get_rank() != 0:
         return
@@ -143,7 +144,7 @@ class Trainer:
         state, load = {}, None
         if resume_path is not None:
             _say(f"resuming from {resume_path}")
-            state = Checkpointer.read_state(resume_path)
+            state = read_state(resume_path)
             load = _weights_loader(resume_path)
         elif cfg.checkpoint.init_from:
             source = resolve_checkpoint(cfg.checkpoint.init_from)

@@ -100,3 +100,29 @@ def test_a_crafted_checkpoint_index_is_refused_before_torch_unpickles_it(run_tp1
     assert result.returncode == 2, result.stderr[-2000:]
     assert "names classes outside a checkpoint index (posix.system): refused" in result.stderr
     assert not marker.exists()
+
+
+def test_import_lucid_megatron_leaves_transformers_alone():
+    probe = "import sys, lucid_megatron; print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_save_pretrained_of_a_registered_load_reloads_without_lucid_megatron(exported, tmp_path):
+    """Loaded through the registered classes (no remote code), saved again: the copy carries its code."""
+    import lucid_megatron.hf  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    assert type(model).__module__ == "lucid_megatron.hf.modeling_lucid"
+    resaved = tmp_path / "resaved"
+    model.save_pretrained(resaved)
+    assert {"configuration_lucid.py", "modeling_lucid.py"} <= {p.name for p in resaved.iterdir()}
+    tokens = torch.randint(0, 259, (1, 17), generator=torch.Generator().manual_seed(4))
+    result = subprocess.run([sys.executable, "-c", HIDDEN, str(resaved), json.dumps(tokens.tolist())],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        want = model(tokens, use_cache=False).logits
+    assert (torch.tensor(out["logits"]) - want).abs().max().item() < 1e-5

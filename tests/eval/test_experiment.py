@@ -73,7 +73,9 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
 @pytest.mark.parametrize("text, message", [
     ("base: base.yaml\nseeds: []\nconditions: {a: {}}\neval: {lengths: [8]}\n", "seeds=[]"),
     ("base: base.yaml\nseeds: [0]\nconditions: {a: {}}\neval: {lengths: [8]}\nplots: {p: [b]}\n", "unknown conditions ['b']"),
-    ("base: base.yaml\nseeds: [0]\nconditions: {a: {}}\neval: {lengths: [8], depth: 3}\n", "eval needs"),
+    ("base: base.yaml\nseeds: [0]\nconditions: {a: {}}\neval: {lengths: [8], depth: 3}\n", "eval.depth: unknown key"),
+    ("base: base.yaml\nseeds: [0]\nconditions: {a: {}}\neval: {needles: 2}\n", "eval: missing required key"),
+    ("base: base.yaml\nseeds: [0, x]\nconditions: {a: {}}\neval: {lengths: [8]}\n", "seeds[1]: expected int"),
     ("base: nowhere.yaml\nseeds: [0]\nconditions: {a: {}}\neval: {lengths: [8]}\n", "does not exist"),
 ])
 def test_experiment_file_errors_name_the_problem(tmp_path, text, message):

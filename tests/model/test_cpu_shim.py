@@ -7,7 +7,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from lucid_megatron.model.cpu_shim import apply_cpu_shim
+from lucid_megatron.parallel.cpu_shim import apply_cpu_shim
 
 from .common import single_process_parallel
 
@@ -42,7 +42,7 @@ def test_shim_is_not_applied_when_cuda_is_available():
         "import torch\n"
         "torch.cuda.is_available = lambda: True\n"
         "original = torch.cuda.current_device\n"
-        "from lucid_megatron.model.cpu_shim import apply_cpu_shim, cpu_shim_active\n"
+        "from lucid_megatron.parallel.cpu_shim import apply_cpu_shim, cpu_shim_active\n"
         "assert apply_cpu_shim() is False and not cpu_shim_active()\n"
         "assert torch.cuda.current_device is original\n"
         "import megatron.core.tensor_parallel.random as r\n"

@@ -1,4 +1,4 @@
-"""Model presets in configs/models/: they load, and their parameter counts are what they claim."""
+"""Model presets in lucid_megatron/config/presets/: they load, and their parameter counts are what they claim."""
 
 import pytest
 

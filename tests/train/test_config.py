@@ -107,8 +107,8 @@ def test_missing_config_file():
 
 def test_context_parallel_that_cannot_be_honoured_is_refused():
     # demo: 8 heads, 2 KV heads
-    with pytest.raises(ConfigError, match=r"cp_comm_type='a2a' needs the attention heads per TP rank \(8\) divisible "
-                                          r"by context_parallel_size \(3\)"):
+    with pytest.raises(ConfigError, match=r"cp_comm_type='a2a' splits heads over context-parallel ranks: the attention "
+                                          r"heads per TP rank \(8\) must be divisible by context_parallel_size \(3\)"):
         load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.context_parallel_size=3", "parallel.cp_comm_type=a2a"])
     with pytest.raises(ConfigError, match=r"cp_comm_type: 'ring' is not allowed; allowed: 'a2a', 'p2p'"):
         load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.cp_comm_type=ring"])

@@ -1,4 +1,4 @@
-"""Run ``lucid train`` under torchrun on this machine, forwarding preemption signals to the workers."""
+"""Run ``lucid train`` (or ``lucid eval``) under torchrun on this machine; preemption signals reach the workers."""
 
 from __future__ import annotations
 

@@ -126,10 +126,6 @@ class Checkpointer:
     # ---- loading --------------------------------------------------------------------------------
 
     @staticmethod
-    def read_state(path: Path) -> dict:
-        return json.loads((Path(path) / "state.json").read_text())
-
-    @staticmethod
     def load_weights(path: Path, model: torch.nn.Module) -> None:
         """Megatron-format weights into a (not yet DeepSpeed-wrapped) model, any TP/DP layout.
 
@@ -318,3 +314,24 @@ def save_weights_checkpoint(path: str | Path, model: torch.nn.Module, state: dic
         atomic.publish_dir(partial, path)
     dist.barrier()
     return path
+
+
+def read_state(checkpoint: str | Path) -> dict:
+    """``state.json`` of a checkpoint: step, data positions, counters, layout, tokenizer."""
+    path = Path(checkpoint) / "state.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing")
+    return json.loads(path.read_text())
+
+
+def read_model_config(checkpoint: str | Path, *, required: bool = True):
+    """The ``ModelConfig`` a checkpoint records in ``model.yaml``; None if absent and not ``required``."""
+    from lucid_megatron.config.model import ModelConfig
+    from lucid_megatron.config.schema import from_dict, read_yaml_file
+
+    path = Path(checkpoint) / "model.yaml"
+    if not path.exists():
+        if not required:
+            return None
+        raise FileNotFoundError(f"{path} is missing: the checkpoint does not record its model architecture")
+    return from_dict(ModelConfig, read_yaml_file(path), "checkpoint model")

@@ -1,0 +1,22 @@
+"""Checkpoints: the atomic, reshardable training checkpoint (``Checkpointer``), weights-only checkpoints,
+resolving a run directory or step to a checkpoint, reading what a checkpoint records (``state.json``,
+``model.yaml``), and checking a checkpoint before anything unpickles it.  Used by train, convert and eval."""
+
+from .store import (
+    DEEPSPEED_PICKLE_GLOBALS,
+    Checkpointer,
+    checkpoint_problem,
+    nonfinite_weights,
+    pickle_globals,
+    read_model_config,
+    read_state,
+    resolve_checkpoint,
+    rng_state,
+    save_weights_checkpoint,
+    set_rng_state,
+    unsafe_model_index,
+)
+
+__all__ = ["DEEPSPEED_PICKLE_GLOBALS", "Checkpointer", "checkpoint_problem", "nonfinite_weights", "pickle_globals",
+           "read_model_config", "read_state", "resolve_checkpoint", "rng_state", "save_weights_checkpoint",
+           "set_rng_state", "unsafe_model_index"]
