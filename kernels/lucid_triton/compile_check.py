@@ -127,9 +127,10 @@ def compile_variant(kernel: str, dtype: torch.dtype, d: int, dv: int, arch: int,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="compile every launchable LUCID kernel variant for sm_80/sm_90a")
     p.add_argument("--json", help="write the results here as a JSON list")
+    p.add_argument("--arch", type=int, choices=(80, 90), help="one GPU generation only (default: both)")
     args = p.parse_args(argv)
     rows = []
-    for dtype, d, arch in compiled_variants():
+    for dtype, d, arch in compiled_variants(args.arch):
         for kernel in KERNELS:
             rows.append(compile_variant(kernel, dtype, d, d, arch))
             print(json.dumps(rows[-1]), flush=True)

@@ -40,8 +40,10 @@ def config_for(dtype: torch.dtype, d: int, dv: int, arch: int = 90) -> KernelCon
         return KernelConfig(block_m=64, block_n=64, group=4, num_warps=4 if widest <= 64 else 8, num_stages=2)
     if dtype in HALF_TYPES:  # mma.sync keeps accumulators in registers: 32-row tiles
         return KernelConfig(block_m=32, block_n=32, group=4, num_warps=8, num_stages=2)
-    # fp32 operands (the exact path): scalar FMA products, the smallest tiles
-    return KernelConfig(block_m=16, block_n=16, group=4, num_warps=8, num_stages=2)
+    # fp32 operands (the exact path): scalar FMA products, the smallest tiles; warps as compiled without
+    # spills (ptxas's register budget moves with the warp count: 4 spilled at D = 32 on sm_90, 8 on sm_80)
+    warps = 4 if widest <= 16 or (widest == 32 and arch < 90) else 8
+    return KernelConfig(block_m=16, block_n=16, group=4, num_warps=warps, num_stages=2)
 
 
 def max_head_dim(dtype: torch.dtype) -> int:
@@ -73,12 +75,14 @@ KERNELS = ("diagonal_inverse", "forward", "backward_solve", "backward_keys", "cr
            "cross_backward_rows")
 """Every kernel the backend launches (solve.py: the first four, cross.py: the rest)."""
 
-def compiled_variants() -> list[tuple[torch.dtype, int, int]]:
-    """(dtype, D, arch) of every variant CI compiles, for each kernel: all head-dim tiers of bf16 on both
-    generations, fp16 (the same code with another type) and fp32 at their widest, and a head dim that is not a
-    power of two (D = 68 reaches the kernels zero-padded to 80: masks inside a 128-wide tile)."""
-    rows = [(torch.bfloat16, d, arch) for arch in (80, 90) for d in (32, 64, 128)]
-    rows += [(torch.float16, 128, arch) for arch in (80, 90)]
-    rows += [(torch.float32, 64, arch) for arch in (80, 90)]
-    rows += [(torch.bfloat16, 80, 90)]
+def compiled_variants(arch: int | None = None) -> list[tuple[torch.dtype, int, int]]:
+    """(dtype, D, arch) of every variant the solver can launch, for each kernel: each operand dtype at each tile
+    width it takes (D = 16, 32, 64, 128: the kernels' tile is the next power of two, and the host pads rows
+    to a multiple of 16, so these are all the shapes a launch can have), on sm_80 and sm_90a; plus D = 80
+    (a padded D = 68: masks inside a 128-wide tile)."""
+    rows = []
+    for target in (80, 90) if arch is None else (arch,):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            rows += [(dtype, d, target) for d in (16, 32, 64, 128) if d <= max_head_dim(dtype)]
+        rows.append((torch.bfloat16, 80, target))
     return rows
