@@ -34,10 +34,10 @@ class TritonSolver:
             check_block_m(self.config.block_m)
 
     def solve(self, kn, v, segments):
-        return launch.solve_forward(kn, v, segments, self.config)
+        return launch.solve_forward(kn, v, segments, self.dtype, self.config)
 
     def solve_backward(self, kn, vp, grad_vp, segments):
-        return launch.solve_backward(kn, vp, grad_vp, segments, self.config)
+        return launch.solve_backward(kn, vp, grad_vp, segments, self.dtype, self.config)
 
     def subtract_earlier(self, acc, rows_kn, cols_kn, cols_vp) -> None:
         launch.subtract_earlier(acc, rows_kn, cols_kn, cols_vp, self.dtype, self.config)

@@ -67,50 +67,50 @@ def _diagonal_inverses(kn, table, s: _Shape) -> torch.Tensor:
     return inverse
 
 
-def solve_forward(kn, v, segments, config: KernelConfig | None = None) -> torch.Tensor:
-    """V' [G, N, Dv] (operand dtype) of kn [G, N, D] and v [G, N, Dv] (any float dtype, read as fp32)."""
-    g, n, d_true = kn.shape
-    dv_true = v.shape[-1]
-    s = _Shape(v.dtype, d_true, dv_true, config, kn.device)
-    d = s.d
-    kn, v = _rowmajor(kn.to(s.op), s.d), _rowmajor(v, s.dv)
+def _pipeline(kn, segments, s: _Shape):
+    """What both ticketed solves need: block table, per-block flags, the ticket counter, diagonal inverses."""
     table = block_table(segments, s.config.block_m, kn.device)
     blocks = table.shape[0]
-    vp = torch.empty(g, n, s.dv, dtype=s.op, device=kn.device)
-    flags = torch.zeros(g * blocks, dtype=torch.int32, device=kn.device)
+    flags = torch.zeros(kn.shape[0] * blocks, dtype=torch.int32, device=kn.device)
     counter = torch.zeros(1, dtype=torch.int32, device=kn.device)
-    inverse = _diagonal_inverses(kn, table, s)
+    return table, blocks, flags, counter, _diagonal_inverses(kn, table, s)
+
+
+def solve_forward(kn, v, segments, operand: torch.dtype, config: KernelConfig | None = None) -> torch.Tensor:
+    """V' [G, N, Dv] (in the operand dtype of ``operand``) of kn [G, N, D] and v [G, N, Dv] (any float dtype,
+    read as fp32: context parallelism and the decode cache pass fp32 accumulators for bf16 models)."""
+    g, n, d_true = kn.shape
+    dv_true = v.shape[-1]
+    s = _Shape(operand, d_true, dv_true, config, kn.device)
+    kn, v = _rowmajor(kn.to(s.op), s.d), _rowmajor(v, s.dv)
+    table, blocks, flags, counter, inverse = _pipeline(kn, segments, s)
+    vp = torch.empty(g, n, s.dv, dtype=s.op, device=kn.device)
     solve.forward_kernel[(blocks * g,)](
         kn, v, vp, inverse, flags, counter, table,
         kn.stride(0), kn.stride(1), v.stride(0), v.stride(1), vp.stride(0), vp.stride(1),
-        blocks, g, d, s.dv, s.scale_log2, s.offset_log2, **s.solve_meta,
+        blocks, g, s.d, s.dv, s.scale_log2, s.offset_log2, **s.solve_meta,
     )
     return vp[..., :dv_true]
 
 
-def solve_backward(kn, vp, grad_vp, segments, config: KernelConfig | None = None):
+def solve_backward(kn, vp, grad_vp, segments, operand: torch.dtype, config: KernelConfig | None = None):
     """(dV in the operand dtype, dKn fp32) of V' = L^{-1} V for the upstream gradient ``grad_vp``."""
     g, n, d_true = kn.shape
     dv_true = vp.shape[-1]
-    s = _Shape(vp.dtype, d_true, dv_true, config, kn.device)
-    d = s.d
+    s = _Shape(operand, d_true, dv_true, config, kn.device)
     kn, vp, grad_vp = _rowmajor(kn.to(s.op), s.d), _rowmajor(vp.to(s.op), s.dv), _rowmajor(grad_vp, s.dv)
-    table = block_table(segments, s.config.block_m, kn.device)
-    blocks = table.shape[0]
+    table, blocks, flags, counter, inverse = _pipeline(kn, segments, s)
     grad_v = torch.empty(g, n, s.dv, dtype=s.op, device=kn.device)
-    grad_kn = torch.empty(g, n, d, dtype=torch.float32, device=kn.device)
-    flags = torch.zeros(g * blocks, dtype=torch.int32, device=kn.device)
-    counter = torch.zeros(1, dtype=torch.int32, device=kn.device)
-    inverse = _diagonal_inverses(kn, table, s)
+    grad_kn = torch.empty(g, n, s.d, dtype=torch.float32, device=kn.device)
     solve.backward_solve_kernel[(blocks * g,)](
         kn, grad_vp, grad_v, inverse, flags, counter, table,
         kn.stride(0), kn.stride(1), grad_vp.stride(0), grad_vp.stride(1), grad_v.stride(0), grad_v.stride(1),
-        blocks, g, d, s.dv, s.scale_log2, s.offset_log2, **s.solve_meta,
+        blocks, g, s.d, s.dv, s.scale_log2, s.offset_log2, **s.solve_meta,
     )
     solve.backward_keys_kernel[(blocks * g,)](
         kn, vp, grad_v, grad_kn, table,
         kn.stride(0), kn.stride(1), vp.stride(0), vp.stride(1), grad_v.stride(0), grad_v.stride(1),
-        grad_kn.stride(0), grad_kn.stride(1), g, d, s.dv, s.scale, s.scale_log2, s.offset_log2,
+        grad_kn.stride(0), grad_kn.stride(1), g, s.d, s.dv, s.scale, s.scale_log2, s.offset_log2,
         BM=s.config.block_m, **s.common,
     )
     return grad_v[..., :dv_true], grad_kn[..., :d_true]

@@ -109,6 +109,21 @@ def test_off_diagonal_updates_match_blockwise(dtype):
         assert _rel(a, w) < TOLERANCE[dtype], name
 
 
+def test_solver_keeps_its_operand_dtype_for_fp32_accumulators():
+    """Context parallelism and the decode cache hand the solver fp32 accumulators (V minus earlier terms) for a
+    16-bit model: the solve must stay on the model's 16-bit path (D = 128 exists only there), not fall to fp32."""
+    g = torch.Generator().manual_seed(5)
+    kn = torch.nn.functional.normalize(torch.randn(2, 40, 128, generator=g, dtype=torch.float64), dim=-1) * 128**0.5
+    acc = torch.randn(2, 40, 24, generator=g, dtype=torch.float64)
+    kn16 = kn.half().double()
+    got = TritonSolver(torch.float16, SMALL).solve(kn.float(), acc.float(), [(0, 40)])
+    assert got.dtype == torch.float16
+    want = BlockwiseSolver().solve(kn16, acc, [(0, 40)])
+    assert _rel(got, want) < TOLERANCE[torch.float16]
+    dv, dkn = TritonSolver(torch.float16, SMALL).solve_backward(kn.float(), want.float(), acc.float(), [(0, 40)])
+    assert dv.dtype == torch.float16 and dkn.dtype == torch.float32
+
+
 def test_decode_cache_through_triton_equals_prefill():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 40, h, 16, generator=g) for h in (4, 2, 2))
