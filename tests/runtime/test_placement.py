@@ -121,3 +121,26 @@ def test_a_training_step_keeps_every_tensor_on_the_device(stand_in, dataset):
     assert {"all_reduce"} <= kinds and len(stand_in) >= 6, stand_in
     misplaced = [(name, str(device)) for name, device in stand_in if device != META]
     assert not misplaced, f"collectives got tensors off the device: {misplaced}"
+
+
+def test_the_cp_split_builds_the_layout_once_with_the_index_map():
+    """Under CP the split makes the zigzag layout and each local token's source index once per micro-batch;
+    packed_seq_params hands that same layout to every attention layer."""
+    import dataclasses
+
+    from lucid_megatron.parallel.context import ZigzagLayout, split_micro_batch
+    from lucid_megatron.runtime.placement import packed_seq_params
+
+    mb = MicroBatch.padding(num_rows=1, seq_length=23, pad_id=0)
+    mb = dataclasses.replace(mb, tokens=torch.arange(1, 24).reshape(1, -1),
+                             cu_seqlens=torch.tensor([0, 9, 23], dtype=torch.int32))
+    seen = []
+    for rank in (0, 1):
+        local = split_micro_batch(mb, 2, rank)
+        seen += local.source_positions[local.source_positions >= 0].tolist()
+        assert local.cp_layout == ZigzagLayout((12, 16), 2, rank)  # documents padded to multiples of 2 * cp
+        assert packed_seq_params(local).cp_layout is local.cp_layout
+        real = local.source_positions >= 0
+        assert torch.equal(local.tokens[0][real], mb.tokens[0][local.source_positions[real]])
+        assert (local.tokens[0][~real] == 0).all()
+    assert sorted(seen) == list(range(23))  # every token on exactly one rank
