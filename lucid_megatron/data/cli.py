@@ -5,19 +5,29 @@ from __future__ import annotations
 import sys
 
 DEFAULT_TASK = {"min_len": 256, "max_len": 512, "num_needles": 4, "num_queries": 1, "key_len": 4, "value_len": 4,
-                "filler_words": 64}
+                "filler_words": 64, "updates": 1, "key_vocab": 26, "value_vocab": 10, "template": "sentence"}
+TASK_HELP = {
+    "num_needles": "distinct keys per document",
+    "num_queries": "keys asked at the end (the others are distractors)",
+    "updates": "assignments per key, each changing its value; >1 is the key-update task (answer: the latest value)",
+    "key_vocab": "letters keys are drawn from (1-26)",
+    "value_vocab": "digits values are drawn from (1-10)",
+    "filler_words": "size of the haystack's word list (the distractor words between assignments)",
+    "template": "'sentence' (' key A is 3.' / ' what is A? 3.') or 'compact' (' A3' / ' ?A3')",
+}
 
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     synth = sub.add_parser("synth", help="write the synthetic long-context retrieval dataset",
-                           description="Write the synthetic key->value retrieval dataset (with answer masks).")
+                           description="Write the synthetic key->value retrieval dataset (with answer masks): needle "
+                                       "retrieval, or key update with --updates > 1.")
     synth.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) dataset directory")
     synth.add_argument("--train-docs", type=int, default=8192)
     synth.add_argument("--valid-docs", type=int, default=256)
     for name, default in DEFAULT_TASK.items():
-        synth.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+        synth.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=TASK_HELP.get(name))
     synth.add_argument("--docs-per-shard", type=int, default=512)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")

@@ -34,10 +34,15 @@ def add_arguments(parser) -> None:
     niah.add_argument("--trust-remote-code", action="store_true",
                       help="let --hf directories run their own Python code (auto_map); only for directories you trust")
     niah.add_argument("--lengths", type=int, nargs="+", required=True)
-    niah.add_argument("--needles", type=int, default=1, help="key -> value pairs per document")
+    niah.add_argument("--needles", type=int, default=1, help="distinct keys per document")
     niah.add_argument("--queries", type=int, default=1, help="how many are asked (the others are distractors)")
+    niah.add_argument("--updates", type=int, default=1,
+                      help="assignments per key; >1 is the key-update task (the answer is the latest value)")
     niah.add_argument("--key-len", type=int, default=4)
     niah.add_argument("--value-len", type=int, default=4)
+    niah.add_argument("--key-vocab", type=int, default=26, help="letters keys are drawn from")
+    niah.add_argument("--value-vocab", type=int, default=10, help="digits values are drawn from")
+    niah.add_argument("--template", default="sentence", help="'sentence' or 'compact' (see lucid data synth)")
     niah.add_argument("--filler-words", type=int, default=64)
     niah.add_argument("--num-samples", type=int, default=100, help="documents per length")
     niah.add_argument("--batch-size", type=int, default=8)
@@ -82,8 +87,19 @@ def _write(args, results: dict, plot_fn, title: str) -> None:
         print(f"wrote {args.plot}")
 
 
-def _niah(args) -> int:
+def task_from_args(args):
+    """The RetrievalTask the niah options describe.  Each length gets exact-length documents, so the task is
+    built roomy and the caller checks every length against its minimum (naming the ones too short)."""
     from lucid_megatron.data.synth import RetrievalTask
+
+    roomy = max(args.lengths + [1 << 20])
+    return RetrievalTask(min_len=roomy, max_len=roomy, num_needles=args.needles, num_queries=args.queries,
+                         key_len=args.key_len, value_len=args.value_len, filler_words=args.filler_words,
+                         updates=args.updates, key_vocab=args.key_vocab, value_vocab=args.value_vocab,
+                         template=args.template)
+
+
+def _niah(args) -> int:
     from lucid_megatron.eval import niah
     from lucid_megatron.eval.scorers import HFScorer, MegatronScorer
 
@@ -94,17 +110,15 @@ def _niah(args) -> int:
         return _fail(f"{len(args.label)} --label for {len(models)} models")
     labels = args.label or [Path(path).name if Path(path).name not in ("checkpoints", "") else str(path)
                             for _, path in models]
-    # Each length gets exact-length documents; the task is built roomy so the length check below names them.
-    roomy = max(args.lengths + [1 << 20])
-    task = RetrievalTask(min_len=roomy, max_len=roomy, num_needles=args.needles,
-                         num_queries=args.queries, key_len=args.key_len, value_len=args.value_len,
-                         filler_words=args.filler_words)
+    task = task_from_args(args)
     too_short = [n for n in args.lengths if n < task.minimum_length()]
     if too_short:
-        return _fail(f"--lengths {too_short} cannot hold {args.needles} needles and {args.queries} queries; "
-                     f"the minimum is {task.minimum_length()} tokens")
-    results = {"task": {"needles": args.needles, "queries": args.queries, "key_len": args.key_len,
-                        "value_len": args.value_len, "num_samples": args.num_samples, "seed": args.seed,
+        return _fail(f"--lengths {too_short} cannot hold {args.needles} keys x {args.updates} assignments and "
+                     f"{args.queries} queries; the minimum is {task.minimum_length()} tokens")
+    results = {"task": {"needles": args.needles, "queries": args.queries, "updates": args.updates,
+                        "key_len": args.key_len, "value_len": args.value_len, "key_vocab": args.key_vocab,
+                        "value_vocab": args.value_vocab, "template": args.template,
+                        "filler_words": args.filler_words, "num_samples": args.num_samples, "seed": args.seed,
                         "lengths": args.lengths}, "models": {}}
     for label, (kind, path) in zip(labels, models):
         if kind == "hf":
@@ -121,10 +135,11 @@ def _niah(args) -> int:
             scorer.close()
         results["models"][label] = by_length
         if _is_writer():
-            cells = "  ".join(f"{n}: {r['exact_match']:.3f}" for n, r in by_length.items())
-            print(f"{label}: exact match by length  {cells}", flush=True)
+            cells = "  ".join(f"{n}: {r['exact_match']:.3f} ({r['answer_loss']:.3f} nats)"
+                              for n, r in by_length.items())
+            print(f"{label}: exact match (answer loss) by length  {cells}", flush=True)
     _write(args, results, lambda r, p, t: niah.plot(r["models"], p, t),
-           f"retrieval, {args.needles} needle(s), {args.queries} queried")
+           f"retrieval, {args.needles} key(s) x {args.updates} assignment(s), {args.queries} queried")
     return 0
 
 

@@ -1,9 +1,10 @@
-"""Needle-in-a-haystack retrieval: single- and multi-needle key -> value recall at several context lengths.
+"""Needle-in-a-haystack retrieval and key update: key -> value recall at several context lengths.
 
 Documents come from the synthetic training data's own generator (``generate_retrieval_document``), at
 exactly each requested length, deterministically from the seed.  A query counts as correct when the model's
 greedy next-token prediction is right at every token of its value, given the document up to there (teacher
-forcing: the same as greedy decoding of the value, one forward pass per document).
+forcing: the same as greedy decoding of the value, one forward pass per document); the answer loss is the
+mean cross-entropy of the value's tokens (the paper's metric).
 """
 
 from __future__ import annotations
@@ -36,32 +37,34 @@ def answer_spans(mask: np.ndarray) -> list[tuple[int, int]]:
     return spans
 
 
-def score(predictions: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> tuple[int, int, int, int]:
-    """(queries correct, queries, answer tokens correct, answer tokens) of one document."""
-    exact = total = right = count = 0
+def score(predictions: np.ndarray, losses: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[queries correct, queries, answer tokens correct, answer tokens, summed answer-token loss] of one
+    document (position p - 1 predicts token p, and ``losses[p - 1]`` is the loss of token p)."""
+    totals = np.zeros(5, dtype=np.float64)
     for a, b in answer_spans(mask):
-        hits = predictions[a - 1 : b - 1] == tokens[a:b]  # position p - 1 predicts token p
-        exact += int(hits.all())
-        right += int(hits.sum())
-        count += b - a
-        total += 1
-    return exact, total, right, count
+        hits = predictions[a - 1 : b - 1] == tokens[a:b]
+        totals += (float(hits.all()), 1.0, float(hits.sum()), float(b - a), float(losses[a - 1 : b - 1].sum()))
+    return totals
 
 
 def evaluate(scorer, task: RetrievalTask, lengths: list[int], *, num_samples: int, seed: int,
              batch_size: int, tokenizer=None) -> dict:
-    """{length: {exact_match, token_accuracy, queries}} for one model."""
+    """{length: {exact_match, token_accuracy, answer_loss, queries}} for one model.
+
+    ``answer_loss`` is the mean cross-entropy (nats) of the answer tokens given everything before them.
+    """
     results = {}
     for length in lengths:
         docs = make_documents(task, length, num_samples, seed, tokenizer)
-        totals = np.zeros(4, dtype=np.int64)
+        totals = np.zeros(5, dtype=np.float64)
         for start in range(0, len(docs), batch_size):
             chunk = docs[start : start + batch_size]
-            predictions = scorer.predictions([tokens for tokens, _ in chunk])
-            for pred, (tokens, mask) in zip(predictions, chunk):
-                totals += score(pred, tokens, mask)
-        exact, queries, right, count = totals.tolist()
-        results[length] = {"exact_match": exact / queries, "token_accuracy": right / count, "queries": queries}
+            scored = scorer.next_token_scores([tokens for tokens, _ in chunk])
+            for (predictions, losses), (tokens, mask) in zip(scored, chunk):
+                totals += score(predictions, losses, tokens, mask)
+        exact, queries, right, count, loss = totals.tolist()
+        results[length] = {"exact_match": exact / queries, "token_accuracy": right / count,
+                           "answer_loss": loss / count, "queries": int(queries)}
     return results
 
 

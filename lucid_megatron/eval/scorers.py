@@ -1,4 +1,4 @@
-"""Next-token predictions and per-token losses from a Megatron checkpoint or a Hugging Face directory.
+"""Next-token predictions and losses from a Megatron checkpoint or a Hugging Face directory.
 
 Documents are scored independently (packed as THD documents for Megatron, equal-length rows for Hugging
 Face), so results do not depend on how they are batched.  A Megatron checkpoint can be evaluated at any
@@ -27,6 +27,12 @@ def _pack(docs: list[np.ndarray]):
                       position_ids=torch.cat([torch.arange(len(d)) for d in docs])[None],
                       cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_seqlen=max(len(d) for d in docs),
                       num_rows=len(docs), stream_states={})
+
+
+def _next_token_losses(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (nats) of each position's label, 0 where the weight is 0 (a document's last token)."""
+    losses = torch.nn.functional.cross_entropy(logits, labels.to(logits.device), reduction="none")
+    return torch.where(weights.to(logits.device) > 0, losses, torch.zeros_like(losses))
 
 
 class MegatronScorer:
@@ -79,7 +85,10 @@ class MegatronScorer:
         return out.cpu()
 
     @torch.no_grad()
-    def predictions(self, docs: list[np.ndarray]) -> list[np.ndarray]:
+    def next_token_scores(self, docs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per document: the greedy prediction at every position and the loss (nats) of the actual next
+        token there (0 at the last position), both on the host.  The loss is the model's cross-entropy
+        over its whole output vocabulary (padding rows included), the same quantity as the training loss."""
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         from lucid_megatron.runtime.placement import packed_seq_params
@@ -87,10 +96,15 @@ class MegatronScorer:
         batch = _pack(docs)
         local, positions = self._local(batch)
         logits = self.model(local.tokens, local.position_ids, None, packed_seq_params=packed_seq_params(local))
-        logits = gather_from_tensor_model_parallel_region(logits)[0, :, : self.cfg.vocab_size]
-        full = self._gather(logits.argmax(-1), positions, batch.tokens.shape[1], -1).numpy()
+        # The loss normalises over the whole (padded) output vocabulary, as the training loss does; the
+        # prediction is the most likely real token.
+        logits = gather_from_tensor_model_parallel_region(logits)[0].float()
+        losses = _next_token_losses(logits, local.labels[0], local.loss_weight[0])
+        total = batch.tokens.shape[1]
+        predictions = self._gather(logits[:, : self.cfg.vocab_size].argmax(-1), positions, total, -1).numpy()
+        losses = self._gather(losses, positions, total, 0.0).numpy()
         bounds = batch.cu_seqlens.tolist()
-        return [full[a:b] for a, b in zip(bounds, bounds[1:])]
+        return [(predictions[a:b], losses[a:b]) for a, b in zip(bounds, bounds[1:])]
 
     @torch.no_grad()
     def token_losses(self, batch):
@@ -125,16 +139,21 @@ class HFScorer:
         self.vocab_size = self.model.config.vocab_size
 
     @torch.no_grad()
-    def predictions(self, docs: list[np.ndarray]) -> list[np.ndarray]:
+    def next_token_scores(self, docs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """As :meth:`MegatronScorer.next_token_scores`."""
         by_length: dict[int, list[int]] = {}
         for i, d in enumerate(docs):
             by_length.setdefault(len(d), []).append(i)
-        result: dict[int, np.ndarray] = {}
+        result: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for length, indices in by_length.items():  # equal lengths: no padding needed
             ids = torch.from_numpy(np.stack([docs[i] for i in indices]).astype(np.int64))
-            pred = self.model(ids, use_cache=False).logits.argmax(-1).numpy()
+            logits = self.model(ids, use_cache=False).logits.float()
+            labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+            weights = torch.ones(ids.shape, dtype=torch.float32)
+            weights[:, -1] = 0.0
             for row, i in enumerate(indices):
-                result[i] = pred[row]
+                result[i] = (logits[row].argmax(-1).numpy(),
+                             _next_token_losses(logits[row], labels[row], weights[row]).numpy())
         return [result[i] for i in range(len(docs))]
 
     def close(self) -> None:

@@ -2,15 +2,17 @@
 
     lucid experiment repro configs/repro/experiment.yaml --out results/repro [--jobs 2]
                            [--only softmax lucid] [--seeds 0 1] [--set train.steps=10] [--eval-samples 8]
-    lucid experiment toy --out results/toy [--steps 1500] [--seeds 0 1 2] [--no-residual]
+    lucid experiment toy --out results/toy [--steps 30000] [--seeds 0 1] [--residual]
 
 ``repro`` trains and evaluates every condition x seed (resumable; see lucid_megatron/experiment/repro.py)
 and writes results.json, table.md and one PNG per plot group.  ``toy`` runs the authors' one-layer
-attention-sink experiment for softmax and LUCID and writes toy.json and toy.png.
+attention-sink experiment for softmax and LUCID and writes toy.json, toy.png (loss curves) and attention.png
+(attention sharpness over training); each finished run is kept under runs/, so an interrupted call resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,10 +32,11 @@ def add_arguments(parser) -> None:
 
     toy = sub.add_parser("toy", help="one attention layer: identity, then cumulative average (attention sink)")
     toy.add_argument("--out", required=True)
-    toy.add_argument("--steps", type=int, default=1500, help="optimizer steps per phase")
-    toy.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    toy.add_argument("--steps", type=int, default=30000, help="optimizer steps per phase (the authors': 30,000)")
+    toy.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     toy.add_argument("--lr", type=float, default=1e-3)
-    toy.add_argument("--no-residual", action="store_true", help="the head reads the attention output alone")
+    toy.add_argument("--residual", action="store_true",
+                     help="add the embedding back (x + attention(x)); the authors' head reads the attention alone")
 
 
 def _fail(message: str) -> int:
@@ -52,6 +55,23 @@ def _repro(args) -> int:
     return 0
 
 
+def _toy_run(args, attention: str, seed: int, run_file: Path) -> dict:
+    """Train one (attention, seed) unless ``run_file`` already holds it at the same settings (resumable)."""
+    from lucid_megatron.atomic import write_text as atomic_write_text
+    from lucid_megatron.experiment import toy
+
+    cfg = toy.ToyConfig(phase_steps=args.steps, seed=seed, lr=args.lr, residual=args.residual)
+    settings = dataclasses.asdict(cfg)
+    if run_file.exists():
+        done = json.loads(run_file.read_text())
+        if done["config"] == settings:
+            return done
+    curves, stats = toy.train_toy(cfg, attention)
+    done = {"config": settings, "curves": curves, "stats": stats}
+    atomic_write_text(run_file, json.dumps(done))
+    return done
+
+
 def _toy(args) -> int:
     from lucid_megatron.atomic import write_text as atomic_write_text
     from lucid_megatron.experiment import toy
@@ -59,27 +79,34 @@ def _toy(args) -> int:
     if args.steps < 1:
         return _fail(f"--steps={args.steps}: must be >= 1")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, summary = {}, {}
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    curves_by_run, stats_by_run, summary = {}, {}, {}
     for attention in ("softmax", "lucid"):
         for seed in args.seeds:
-            cfg = toy.ToyConfig(phase_steps=args.steps, seed=seed, lr=args.lr, residual=not args.no_residual)
-            curves, sink = toy.train_toy(cfg, attention)
-            results[(attention, seed)] = curves
+            run = _toy_run(args, attention, seed, out / "runs" / f"{attention}-seed{seed}.json")
+            curves = {phase: [tuple(p) for p in c] for phase, c in run["curves"].items()}
+            curves_by_run[(attention, seed)], stats_by_run[(attention, seed)] = curves, run["stats"]
             final = {phase: toy.final_loss(c) for phase, c in curves.items()}
-            summary[f"{attention}/seed{seed}"] = {**final, "first_token_attention": sink}
-            print(f"{attention:8s} seed {seed}: final loss identity {final['identity']:.4f} (first-token attention "
-                  f"{sink['identity']:.2f})  cumulative average {final['cumavg']:.4f} (first-token attention "
-                  f"{sink['cumavg']:.2f})", flush=True)
+            end = {phase: s["end"] for phase, s in run["stats"].items()}
+            summary[f"{attention}/seed{seed}"] = {
+                "final_loss": final, "attention_after": end,
+                "cumavg_steps_to_loss_below": {str(t): toy.steps_to_reach(curves["cumavg"], t) for t in (0.1, 0.01)}}
+            one, two = end["identity"], end["cumavg"]
+            print(f"{attention:8s} seed {seed}: identity loss {final['identity']:.2e} (max weight "
+                  f"{one['max_weight']:.3f}, logit range {one['logit_range']:.1f}, first token {one['first_token']:.3f})"
+                  f"  cumulative average loss {final['cumavg']:.2e} (max weight {two['max_weight']:.3f}, "
+                  f"first token {two['first_token']:.3f})", flush=True)
     fixed = {k: v for k, v in vars(toy.ToyConfig()).items() if k not in ("phase_steps", "seed", "lr", "residual")}
     payload = {"config": {"steps_per_phase": args.steps, "seeds": args.seeds, "lr": args.lr,
-                          "residual": not args.no_residual, **fixed},
-               "final_loss": summary,
-               "curves": {f"{a}/seed{s}": c for (a, s), c in results.items()}}
+                          "residual": args.residual, **fixed},
+               "summary": summary,
+               "curves": {f"{a}/seed{s}": c for (a, s), c in curves_by_run.items()},
+               "attention_trajectory": {f"{a}/seed{s}": st for (a, s), st in stats_by_run.items()}}
     atomic_write_text(out / "toy.json", json.dumps(payload, indent=1))
-    title = "one attention layer: identity, then cumulative average" + (" (no residual)" if args.no_residual else "")
-    toy.plot(results, out / "toy.png", title)
-    print(f"wrote {out / 'toy.json'} and {out / 'toy.png'}")
+    title = "one attention layer: identity, then cumulative average" + (" (with residual)" if args.residual else "")
+    toy.plot(curves_by_run, out / "toy.png", title)
+    toy.plot_sharpness(stats_by_run, out / "attention.png", title)
+    print(f"wrote {out / 'toy.json'}, {out / 'toy.png'} and {out / 'attention.png'}")
     return 0
 
 

@@ -32,6 +32,7 @@ class Experiment:
     eval: dict  # `lucid eval niah` options: lengths, needles, queries, key_len, ... num_samples, seed
     plots: dict[str, list[str]]  # plot name -> conditions drawn on it
     nproc_per_node: int = 1  # processes per training run (GPUs on a node; 1 on a CPU machine)
+    title: str = "needle retrieval"  # names the task on the plots
 
     def command(self, condition: str, seed: int, run_dir: Path, extra: list[str]) -> list[str]:
         command = [sys.executable, "-m", "lucid_megatron", "train", str(self.base), "--run-dir", str(run_dir),
@@ -45,8 +46,8 @@ class Experiment:
         command = [sys.executable, "-m", "lucid_megatron", "eval", "niah", "--checkpoint",
                    str(run_dir / "checkpoints"), "--out", str(run_dir / "niah.json"),
                    "--lengths", *[str(n) for n in e["lengths"]]]
-        for key in ("needles", "queries", "key_len", "value_len", "filler_words", "num_samples", "seed",
-                    "batch_size"):
+        for key in ("needles", "queries", "updates", "key_len", "value_len", "key_vocab", "value_vocab", "template",
+                    "filler_words", "num_samples", "seed", "batch_size"):
             if key in e:
                 command += [f"--{key.replace('_', '-')}", str(e[key])]
         return command
@@ -59,8 +60,12 @@ class NiahOptions:
     lengths: list[int]
     needles: Optional[int] = None
     queries: Optional[int] = None
+    updates: Optional[int] = None
     key_len: Optional[int] = None
     value_len: Optional[int] = None
+    key_vocab: Optional[int] = None
+    value_vocab: Optional[int] = None
+    template: Optional[str] = None
     filler_words: Optional[int] = None
     num_samples: Optional[int] = None
     seed: Optional[int] = None
@@ -81,6 +86,7 @@ class ExperimentFile:
     eval: NiahOptions
     plots: Optional[dict[str, list[str]]] = None  # plot name -> conditions drawn on it (default: all in one)
     nproc_per_node: int = 1
+    title: str = "needle retrieval"
 
     def validate(self) -> None:
         if not self.seeds or any(s < 0 for s in self.seeds):
@@ -114,7 +120,8 @@ def load_experiment(path: str | Path) -> Experiment:
     conditions = {name: _overrides(sets) for name, sets in spec.conditions.items()}
     niah = {k: v for k, v in dataclasses.asdict(spec.eval).items() if v is not None}
     return Experiment(base=base, seeds=list(spec.seeds), conditions=conditions, eval=niah,
-                      plots=spec.plots or {"all": list(conditions)}, nproc_per_node=spec.nproc_per_node)
+                      plots=spec.plots or {"all": list(conditions)}, nproc_per_node=spec.nproc_per_node,
+                      title=spec.title)
 
 
 def _run_one(exp: Experiment, condition: str, seed: int, out: Path, extra: list[str], threads: int) -> dict:
@@ -138,7 +145,9 @@ def _run_one(exp: Experiment, condition: str, seed: int, out: Path, extra: list[
     train_loss = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     losses = [r["loss"] for r in train_loss if "loss" in r]
     valid = [r["valid_loss"] for r in train_loss if "valid_loss" in r]
+    # answer_loss is absent from results written before it was measured
     return {"exact_match": {int(n): r["exact_match"] for n, r in by_length.items()},
+            "answer_loss": {int(n): r.get("answer_loss") for n, r in by_length.items()},
             "final_train_loss": losses[-1] if losses else None, "final_valid_loss": valid[-1] if valid else None}
 
 
@@ -148,50 +157,69 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+METRICS = {"exact_match": ("exact match", "%"), "answer_loss": ("answer loss", "nats")}
+
+
 def aggregate(per_run: dict[str, dict[int, dict]], lengths: list[int]) -> dict:
-    """condition -> {length: {mean, std, seeds}} of exact match, plus the mean final validation loss."""
+    """condition -> {metric: {length: {mean, std, per_seed}}} for exact match and answer loss (a metric the
+    runs did not record is left out), plus the mean final validation loss."""
     summary = {}
     for condition, by_seed in per_run.items():
-        row = {}
-        for n in lengths:
-            mean, std = _mean_std([r["exact_match"][n] for r in by_seed.values()])
-            row[n] = {"mean": mean, "std": std, "per_seed": [by_seed[s]["exact_match"][n] for s in sorted(by_seed)]}
+        entry = {}
+        for metric in METRICS:
+            if any(by_seed[s].get(metric, {}).get(n) is None for s in by_seed for n in lengths):
+                continue
+            row = {}
+            for n in lengths:
+                per_seed = [by_seed[s][metric][n] for s in sorted(by_seed)]
+                mean, std = _mean_std(per_seed)
+                row[n] = {"mean": mean, "std": std, "per_seed": per_seed}
+            entry[metric] = row
         valid = [r["final_valid_loss"] for r in by_seed.values() if r["final_valid_loss"] is not None]
-        summary[condition] = {"exact_match": row, "valid_loss": _mean_std(valid)[0] if valid else None,
-                              "seeds": sorted(by_seed)}
+        summary[condition] = {**entry, "valid_loss": _mean_std(valid)[0] if valid else None, "seeds": sorted(by_seed)}
     return summary
 
 
 def markdown_table(summary: dict, lengths: list[int], train_lengths: tuple[int, int]) -> str:
-    """Exact match (mean ± std over seeds, in %) per condition and evaluation length."""
+    """One table per metric: mean ± sample std over seeds per condition and evaluation length."""
     lo, hi = train_lengths
     head = ["condition", *[f"{n}{'*' if lo <= n <= hi else ''}" for n in lengths], "valid loss"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for condition, s in summary.items():
-        cells = [f"{100 * s['exact_match'][n]['mean']:.1f} ± {100 * s['exact_match'][n]['std']:.1f}" for n in lengths]
-        loss = f"{s['valid_loss']:.3f}" if s["valid_loss"] is not None else "-"
-        lines.append("| " + " | ".join([condition, *cells, loss]) + " |")
-    lines.append(f"\nExact match in %, mean ± sample std over seeds {next(iter(summary.values()))['seeds']}; "
-                 f"* = inside the training length range [{lo}, {hi}].")
-    return "\n".join(lines) + "\n"
+    seeds = next(iter(summary.values()))["seeds"]
+    parts = []
+    for metric, (name, unit) in METRICS.items():
+        rows = {c: s[metric] for c, s in summary.items() if metric in s}
+        if not rows:
+            continue
+        lines = [f"**{name}** ({unit})\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for condition, row in rows.items():
+            scale, digits = (100, 1) if unit == "%" else (1, 3)
+            cells = [f"{scale * row[n]['mean']:.{digits}f} ± {scale * row[n]['std']:.{digits}f}" for n in lengths]
+            loss = summary[condition]["valid_loss"]
+            lines.append("| " + " | ".join([condition, *cells, f"{loss:.3f}" if loss is not None else "-"]) + " |")
+        parts.append("\n".join(lines))
+    parts.append(f"Mean ± sample std over seeds {seeds}; * = inside the training length range [{lo}, {hi}].")
+    return "\n\n".join(parts) + "\n"
 
 
-def plot_group(summary: dict, members: list[str], lengths: list[int], path: Path, title: str) -> None:
+def plot_group(summary: dict, members: list[str], lengths: list[int], path: Path, title: str,
+               metric: str = "exact_match") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    name, unit = METRICS[metric]
     fig, ax = plt.subplots(figsize=(6, 4))
     for condition in members:
-        row = summary[condition]["exact_match"]
+        row = summary[condition][metric]
         ax.errorbar(lengths, [row[n]["mean"] for n in lengths], yerr=[row[n]["std"] for n in lengths],
                     marker="o", capsize=3, label=condition, linestyle="--" if "softmax" in condition else "-")
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("exact match (mean ± std over seeds)")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel(f"{name} (mean ± std over seeds)" + (", nats" if unit == "nats" else ""))
+    if metric == "exact_match":
+        ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -236,13 +264,15 @@ def run_experiment(exp: Experiment, out: Path, *, jobs: int = 2, only: list[str]
     atomic_write_text(out / "results.json", json.dumps(
         {"experiment": {"base": str(exp.base), "seeds": seeds, "conditions": {c: exp.conditions[c] for c in conditions},
                         "eval": exp.eval, "extra_overrides": extra, "train_lengths": train_lengths},
-         "summary": {c: {**s, "exact_match": {str(n): v for n, v in s["exact_match"].items()}}
-                     for c, s in summary.items()}}, indent=1))
+         "summary": {c: {k: ({str(n): v for n, v in value.items()} if k in METRICS else value)
+                         for k, value in s.items()} for c, s in summary.items()}}, indent=1))
     table = markdown_table(summary, lengths, train_lengths)
     atomic_write_text(out / "table.md", table)
     for name, members in exp.plots.items():
-        drawn = [m for m in members if m in summary]
-        if drawn:
-            plot_group(summary, drawn, lengths, out / f"{name}.png", f"needle retrieval: {name}")
+        for metric in METRICS:
+            drawn = [m for m in members if metric in summary.get(m, {})]
+            if drawn:
+                suffix = "" if metric == "exact_match" else "-loss"
+                plot_group(summary, drawn, lengths, out / f"{name}{suffix}.png", f"{exp.title}: {name}", metric)
     print(table, flush=True)
     return summary

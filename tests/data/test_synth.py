@@ -128,3 +128,69 @@ def test_synth_dataset_is_byte_identical_per_seed(tmp_path):
     assert one.has_answer_mask and one.splits["train"].documents == 30 and one.splits["valid"].documents == 7
     with pytest.raises(FileExistsError, match="not empty"):
         write_synth_dataset(tmp_path / "one", task, seed=5, **kwargs)
+
+
+ASSIGN = re.compile(r" ([A-Z]+)([0-9]+)")
+ASK = re.compile(r" \?([A-Z]+)([0-9]+)")
+KEY_UPDATE = RetrievalTask(min_len=90, max_len=140, num_needles=3, num_queries=2, updates=4, key_len=1, value_len=1,
+                           key_vocab=5, value_vocab=3, filler_words=6, template="compact")
+
+
+def test_key_update_answer_is_the_latest_value():
+    tok = ByteTokenizer()
+    asked_earlier_value = 0
+    for tokens, mask, meta in _documents(KEY_UPDATE, 200, seed=4):
+        text = tok.decode(tokens)
+        history: dict[str, list[str]] = {}
+        for m in ASSIGN.finditer(text):  # read the document left to right, as the model does
+            history.setdefault(m.group(1), []).append(m.group(2))
+        assert len(history) == 3 and all(len(values) == 4 for values in history.values())
+        assert set("".join(history)) <= set("ABCDE") and set("".join(sum(history.values(), []))) <= set("012")
+        for values in history.values():  # every update changes the value
+            assert all(a != b for a, b in zip(values, values[1:])), values
+        queries = list(ASK.finditer(text))
+        assert len(queries) == 2 and text.endswith(queries[-1].group(0))
+        expected = np.zeros(len(tokens), dtype=np.uint8)
+        for q in queries:
+            assert q.group(2) == history[q.group(1)][-1]  # the latest value, not the first or any other
+            asked_earlier_value += q.group(2) != history[q.group(1)][0]
+            expected[1 + q.start(2) : 1 + q.end(2)] = 1
+        np.testing.assert_array_equal(mask, expected)
+        assert [(k, v) for k, v, _ in meta["needles"]] == [m.groups() for m in ASSIGN.finditer(text)]
+        assert [(k, v) for k, v, _ in meta["queries"]] == [q.groups() for q in queries]
+        for key, value, position in meta["queries"]:
+            assert tok.decode(tokens[position : position + 1]) == value and mask[position] == 1
+        # the haystack between assignments is words of the fixed list (the last one possibly cut)
+        words = ASK.sub("", ASSIGN.sub("", text)).split()
+        assert all(any(v.startswith(w) for v in filler_word_list(6)) for w in words)
+    assert asked_earlier_value > 100  # the first value is usually not the answer: recall alone is not enough
+
+
+def test_key_update_minimum_length_and_validation():
+    # 2 + 3 keys x 4 assignments x 3 tokens (" A3") + 2 queries x 4 tokens (" ?A3") = 46
+    assert KEY_UPDATE.minimum_length() == 46
+    tokens, _, _ = _documents(RetrievalTask(**{**KEY_UPDATE.__dict__, "min_len": 46, "max_len": 46}), 1)[0]
+    assert re.fullmatch(r"( [A-E][0-2]){12}( \?[A-E][0-2]){2}", ByteTokenizer().decode(tokens))
+    for fields, message in [({"template": "prose"}, "template='prose'; allowed: \\['compact', 'sentence'\\]"),
+                            ({"value_vocab": 1}, "updates=4 needs values that can change"),
+                            ({"key_vocab": 2}, "key_vocab=2 allows only 2 distinct keys"),
+                            ({"key_vocab": 27}, "key_vocab=27"), ({"updates": 0}, "updates=0"),
+                            ({"min_len": 45}, "min_len=45 .* minimum is 46")]:
+        with pytest.raises(ValueError, match=message):
+            RetrievalTask(**{**KEY_UPDATE.__dict__, **fields})
+
+
+def test_key_update_documents_round_trip_through_the_shards(tmp_path):
+    manifest = write_synth_dataset(tmp_path / "ku", KEY_UPDATE, train_docs=21, valid_docs=5, docs_per_shard=8,
+                                   seed=3, tokenizer=ByteTokenizer())
+    assert manifest.source["task"]["updates"] == 4 and manifest.source["task"]["template"] == "compact"
+    for index, split in enumerate(("train", "valid")):
+        rng = np.random.default_rng([3, index])  # the split's documents, regenerated
+        want = [generate_retrieval_document(rng, KEY_UPDATE, ByteTokenizer())[:2]
+                for _ in range(manifest.splits[split].documents)]
+        got = [doc for shard in manifest.splits[split].shards
+               for doc in iter_shard_documents(manifest.dir / shard)]
+        assert len(got) == len(want) == {"train": 21, "valid": 5}[split]
+        for (tokens, mask), (want_tokens, want_mask) in zip(got, want):
+            np.testing.assert_array_equal(tokens, want_tokens)
+            np.testing.assert_array_equal(mask, want_mask)

@@ -61,6 +61,10 @@ def test_niah_is_chance_level_before_training_and_higher_after(runs, tmp_path):
         # 80 queries: chance is 8 +- 2.7 hits; 16 would be three standard deviations above it.
         assert before["exact_match"] <= 2 * CHANCE, before
         assert after["exact_match"] >= before["exact_match"] + 0.3, (before, after)
+        # an untrained model spreads its probability over its whole output vocabulary (259 byte tokens padded
+        # to 384): about ln(384) nats per answer token
+        assert abs(before["answer_loss"] - np.log(384)) < 0.5, before
+        assert after["answer_loss"] < np.log(10) < before["answer_loss"], (before, after)
     import matplotlib.image
 
     image = matplotlib.image.imread(plot)
@@ -78,7 +82,29 @@ def test_niah_independent_of_batch_size_and_parallel_layout(runs, tmp_path):
     }
     for name, extra in layouts.items():
         got = _niah(tmp_path, name.replace(" ", "_"), [trained], "--label", "trained", *extra)["models"]["trained"]
-        assert got == reference, (name, got, reference)
+        _assert_same_scores(got, reference, name)
+
+
+def _assert_same_scores(got: dict, want: dict, name: str) -> None:
+    """Counts equal; the answer loss (a float sum) equal to fp32 rounding (1e-5 relative)."""
+    assert got.keys() == want.keys(), name
+    for length in want:
+        loss = got[length].pop("answer_loss"), want[length]["answer_loss"]
+        assert got[length] == {k: v for k, v in want[length].items() if k != "answer_loss"}, (name, length)
+        np.testing.assert_allclose(*loss, rtol=1e-5, err_msg=f"{name} at {length}")
+
+
+def test_score_reads_the_answer_tokens_and_their_losses():
+    from lucid_megatron.eval.niah import score
+
+    tokens = np.array([256, 10, 11, 12, 13, 14, 257])
+    mask = np.array([0, 0, 1, 1, 0, 1, 0], dtype=np.uint8)  # two answers: tokens 2-3 and token 5
+    predictions = np.array([0, 11, 12, 0, 14, 0, 0])  # position p - 1 predicts token p: 2, 3 and 5 right
+    losses = np.array([9.0, 0.5, 0.25, 9.0, 2.0, 9.0, 0.0])  # losses[p - 1] is token p's
+    got = score(predictions, losses, tokens, mask)
+    np.testing.assert_array_equal(got, [2, 2, 3, 3, 0.5 + 0.25 + 2.0])
+    predictions[1] = 99  # a wrong first token makes the first answer wrong, not the second
+    np.testing.assert_array_equal(score(predictions, losses, tokens, mask), [1, 2, 2, 3, 2.75])
 
 
 def test_ppl_by_position_independent_of_batch_and_layout(runs, tmp_path):
@@ -123,6 +149,25 @@ def test_niah_on_the_hugging_face_export_matches_the_checkpoint(runs, tmp_path):
     lucid("convert", "to-hf", trained.parent, exported)
     result = _niah(tmp_path, "hf", [trained], "--hf", exported, "--label", "megatron", "--label", "hf")
     megatron, hf = result["models"]["megatron"], result["models"]["hf"]
-    # fp32 logits agree to ~1e-7, so greedy predictions (and every count) are the same
-    assert hf == megatron
+    # fp32 logits agree to ~1e-7, so greedy predictions (and every count) are the same, and the answer loss
+    # (cross-entropy from Megatron's and from the Hugging Face model's logits) to fp32 rounding
+    _assert_same_scores(hf, megatron, "hf")
     assert megatron["40"]["exact_match"] > 2 * CHANCE
+
+
+def test_niah_options_build_the_task_they_name():
+    import dataclasses
+
+    from lucid_megatron.cli import build_parser
+    from lucid_megatron.eval.cli import task_from_args
+
+    args = build_parser().parse_args(
+        ["eval", "niah", "--checkpoint", "c", "--lengths", "64", "128", "--needles", "3", "--queries", "2",
+         "--updates", "4", "--key-len", "1", "--value-len", "2", "--key-vocab", "5", "--value-vocab", "3",
+         "--template", "compact", "--filler-words", "6"])
+    task = task_from_args(args)
+    want = dict(num_needles=3, num_queries=2, updates=4, key_len=1, value_len=2, key_vocab=5, value_vocab=3,
+                template="compact", filler_words=6)
+    assert {k: getattr(task, k) for k in want} == want
+    # every task field is an option (nothing silently left at its default), bar the lengths set per document
+    assert {f.name for f in dataclasses.fields(task)} == set(want) | {"min_len", "max_len"}

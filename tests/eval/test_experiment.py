@@ -1,5 +1,6 @@
 """`lucid experiment repro` (a seconds-long smoke of the real experiment file) and the attention-sink toy."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -37,20 +38,21 @@ def test_repro_smoke_writes_table_and_plots_and_resumes(tmp_path):
     exp = load_experiment(EXPERIMENT)
     lengths = [str(n) for n in exp.eval["lengths"]]
     for condition in ("softmax", "lucid"):
-        row = results["summary"][condition]["exact_match"]
-        assert list(row) == lengths
-        for n in lengths:
-            per_seed = row[n]["per_seed"]
-            assert len(per_seed) == 1 and 0.0 <= per_seed[0] <= 1.0 and row[n]["std"] == 0.0
-            niah = json.loads((out / "runs" / condition / "seed0" / "niah.json").read_text())
-            assert next(iter(niah["models"].values()))[n]["exact_match"] == row[n]["mean"]
+        niah = next(iter(json.loads((out / "runs" / condition / "seed0" / "niah.json").read_text())["models"].values()))
+        for metric in ("exact_match", "answer_loss"):
+            row = results["summary"][condition][metric]
+            assert list(row) == lengths
+            for n in lengths:
+                per_seed = row[n]["per_seed"]
+                assert len(per_seed) == 1 and row[n]["std"] == 0.0 and niah[n][metric] == row[n]["mean"]
+                assert 0.0 <= per_seed[0] <= (1.0 if metric == "exact_match" else 20.0)
     # the softmax condition really is the baseline: its command switches LUCID off, LUCID's does not
     assert "model.lucid_layers=none" in (out / "runs" / "softmax" / "seed0" / "command.txt").read_text()
     assert "lucid_layers" not in (out / "runs" / "lucid" / "seed0" / "command.txt").read_text()
     table = (out / "table.md").read_text()
-    assert table.count("\n| softmax |") == 1 and table.count("\n| lucid |") == 1
+    assert table.count("\n| softmax |") == 2 and table.count("\n| lucid |") == 2  # exact match, answer loss
     for plot in exp.plots:
-        assert (out / f"{plot}.png").stat().st_size > 1000
+        assert (out / f"{plot}.png").stat().st_size > 1000 and (out / f"{plot}-loss.png").stat().st_size > 1000
     # a second call finds every run finished and rebuilds the same results without training
     second = _repro(out, tmp_path / "data")
     assert "seed 0 done" not in second.stdout
@@ -58,16 +60,23 @@ def test_repro_smoke_writes_table_and_plots_and_resumes(tmp_path):
 
 
 def test_aggregate_is_mean_and_sample_std_over_seeds():
-    runs = {"a": {0: {"exact_match": {8: 0.25}, "final_valid_loss": 1.0},
-                  1: {"exact_match": {8: 0.5}, "final_valid_loss": 2.0},
-                  2: {"exact_match": {8: 1.0}, "final_valid_loss": 3.0}}}
+    runs = {"a": {0: {"exact_match": {8: 0.25}, "answer_loss": {8: 0.5}, "final_valid_loss": 1.0},
+                  1: {"exact_match": {8: 0.5}, "answer_loss": {8: 1.5}, "final_valid_loss": 2.0},
+                  2: {"exact_match": {8: 1.0}, "answer_loss": {8: 2.5}, "final_valid_loss": 3.0}},
+            # a run stored before the answer loss was measured: that condition reports exact match only
+            "old": {0: {"exact_match": {8: 0.5}, "answer_loss": {8: None}, "final_valid_loss": None}}}
     summary = aggregate(runs, [8])
-    values = np.array([0.25, 0.5, 1.0], dtype=np.float64)
-    assert summary["a"]["exact_match"][8]["mean"] == pytest.approx(values.mean(), abs=1e-15)
-    assert summary["a"]["exact_match"][8]["std"] == pytest.approx(values.std(ddof=1), abs=1e-15)
+    for metric, values in (("exact_match", [0.25, 0.5, 1.0]), ("answer_loss", [0.5, 1.5, 2.5])):
+        values = np.array(values, dtype=np.float64)
+        assert summary["a"][metric][8]["mean"] == pytest.approx(values.mean(), abs=1e-15)
+        assert summary["a"][metric][8]["std"] == pytest.approx(values.std(ddof=1), abs=1e-15)
+    assert "answer_loss" not in summary["old"] and summary["old"]["exact_match"][8]["mean"] == 0.5
     assert summary["a"]["valid_loss"] == pytest.approx(2.0)
     table = markdown_table(summary, [8], (4, 8))
-    assert "| a | 58.3 ± 38.2 | 2.000 |" in table and "| 8* |" in table.replace(" | valid loss", "")
+    exact, loss = table.split("**answer loss**")
+    assert "| a | 58.3 ± 38.2 | 2.000 |" in exact and "| old | 50.0 ± 0.0 | - |" in exact
+    assert "| a | 1.500 ± 1.000 | 2.000 |" in loss and "old" not in loss
+    assert "| 8* |" in table.replace(" | valid loss", "")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -103,8 +112,34 @@ def test_first_token_attention_of_uniform_attention():
     with torch.no_grad():
         model.qkv.weight[: cfg.width] = 0.0  # q = 0: every row attends uniformly to its prefix
     tokens = toy.batch(torch.Generator().manual_seed(0), cfg)
-    want = np.mean([1.0 / (i + 1) for i in range(1, cfg.vocab)], dtype=np.float64)
-    assert toy.first_token_attention(model, tokens) == pytest.approx(want, rel=1e-6)
+    uniform = np.mean([1.0 / (i + 1) for i in range(1, cfg.vocab)], dtype=np.float64)
+    assert toy.first_token_attention(model, tokens) == pytest.approx(uniform, rel=1e-6)
+    stats = toy.attention_stats(model, tokens)
+    assert stats["max_weight"] == pytest.approx(uniform, rel=1e-6) == stats["self_weight"]
+    assert stats["logit_range"] == 0.0
+
+
+def test_attention_stats_against_float64():
+    cfg = toy.ToyConfig(width=16)
+    torch.manual_seed(3)
+    model = toy.OneLayerAttention(cfg, "lucid")
+    with torch.no_grad():
+        model.qkv.weight.mul_(8.0)  # sharp enough that the four statistics differ
+    tokens = toy.batch(torch.Generator().manual_seed(1), cfg)
+    q, k, _ = (t.double() for t in model.qkv(model.embed(tokens)).detach().chunk(3, dim=-1))
+    logits = (q @ k.transpose(1, 2)).numpy() / 4.0  # scale 1/sqrt(16)
+    first, largest, own, spread = [], [], [], []
+    for b in range(tokens.shape[0]):
+        for i in range(1, cfg.vocab):
+            row = logits[b, i, : i + 1]
+            weights = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+            first.append(weights[0]), largest.append(weights.max()), own.append(weights[i])
+            spread.append(row.max() - row.min())
+    stats = toy.attention_stats(model, tokens)
+    for key, values in (("first_token", first), ("max_weight", largest), ("self_weight", own),
+                        ("logit_range", spread)):
+        assert stats[key] == pytest.approx(np.mean(values), rel=1e-5), key
+    assert len({round(v, 3) for v in stats.values()}) == 4
 
 
 def test_toy_attentions_differ_and_learn_the_identity():
@@ -123,10 +158,15 @@ def test_toy_attentions_differ_and_learn_the_identity():
             model.qkv.weight[w : 2 * w] = torch.outer(torch.ones(w), model.qkv.weight[w]) / w
     assert (softmax(tokens) - lucid(tokens)).abs().max() > 1e-2
     for attention in ("softmax", "lucid"):
-        curves, sink = toy.train_toy(cfg, attention)
-        assert 0.0 <= sink["identity"] <= 1.0 and 0.0 <= sink["cumavg"] <= 1.0
+        curves, stats = toy.train_toy(cfg, attention, stats_every=40)
+        for phase in ("identity", "cumavg"):
+            assert [step for step, _ in stats[phase]["trajectory"]] == [0, 40, 80]
+            assert stats[phase]["trajectory"][-1][1] == stats[phase]["end"]
+            assert 0.0 <= stats[phase]["end"]["first_token"] <= stats[phase]["end"]["max_weight"] <= 1.0
         assert curves["identity"][-1][1] < 0.2 * curves["identity"][0][1], (attention, curves["identity"])
         assert len(curves["cumavg"]) == len(curves["identity"])
+        # without a residual the identity is solved by attending to oneself: the attention sharpens
+        assert stats["identity"]["end"]["self_weight"] > 2 * stats["identity"]["trajectory"][0][1]["self_weight"]
 
 
 @pytest.mark.parametrize("path", [EXPERIMENT, REPO / "configs" / "repro" / "gpu-125m" / "experiment.yaml"])
@@ -145,3 +185,24 @@ def test_shipped_experiments_are_valid_and_vary_one_thing(path):
     assert len(exp.seeds) >= 3
     task = base.data.synth.task
     assert max(exp.eval["lengths"]) >= 4 * task.max_len and min(exp.eval["lengths"]) <= task.max_len
+
+
+def test_shipped_key_update_experiment_is_valid_and_varies_one_thing():
+    from lucid_megatron.config.train import load_train_config
+
+    exp = load_experiment(REPO / "configs" / "repro" / "key-update" / "experiment.yaml")
+    configs = {name: load_train_config(exp.base, overrides) for name, overrides in exp.conditions.items()}
+    assert set(configs) == {"softmax", "lucid", "softmax_nope", "lucid_nope"} and len(exp.seeds) >= 3
+    for name, cfg in configs.items():
+        assert cfg.model.lucid_layers == ("none" if name.startswith("softmax") else "all")
+        assert cfg.model.position_embedding == ("none" if name.endswith("nope") else "rope")
+        others = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("lucid_layers", "position_embedding")}
+        assert others == {k: v for k, v in dataclasses.asdict(configs["lucid"].model).items()
+                          if k not in ("lucid_layers", "position_embedding")}
+    task = configs["lucid"].data.synth.task
+    assert task.updates > 1  # a key-update task: the answer is the latest of several values
+    # evaluated on the training task at 1x, 2x and 4x the training length
+    assert sorted(exp.eval["lengths"]) == [task.max_len, 2 * task.max_len, 4 * task.max_len]
+    for field in ("updates", "key_len", "value_len", "filler_words", "template"):
+        assert exp.eval[field] == getattr(task, field), field
+    assert (exp.eval["needles"], exp.eval["queries"]) == (task.num_needles, task.num_queries)
