@@ -136,7 +136,6 @@ class HFScorer:
 
         self.model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code,
                                                           dtype=torch.float32).eval()
-        self.vocab_size = self.model.config.vocab_size
 
     @torch.no_grad()
     def next_token_scores(self, docs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:

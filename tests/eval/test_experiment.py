@@ -206,3 +206,33 @@ def test_shipped_key_update_experiment_is_valid_and_varies_one_thing():
     for field in ("updates", "key_len", "value_len", "filler_words", "template"):
         assert exp.eval[field] == getattr(task, field), field
     assert (exp.eval["needles"], exp.eval["queries"]) == (task.num_needles, task.num_queries)
+
+
+def test_toy_command_keeps_finished_runs_and_redoes_changed_ones(tmp_path, capsys):
+    from lucid_megatron.cli import main
+
+    out = tmp_path / "toy"
+    assert main(["experiment", "toy", "--out", str(out), "--steps", "3", "--seeds", "0"]) == 0
+    runs = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert set(runs) == {"softmax-seed0.json", "lucid-seed0.json"}
+    first = json.loads((out / "toy.json").read_text())
+    assert first["config"]["residual"] is False and first["config"]["steps_per_phase"] == 3
+    assert set(first["summary"]["lucid/seed0"]["attention_after"]) == {"identity", "cumavg"}
+    for name in ("toy.png", "attention.png"):
+        assert (out / name).stat().st_size > 1000
+    # the same settings again: nothing is retrained, the same results are written
+    assert main(["experiment", "toy", "--out", str(out), "--steps", "3", "--seeds", "0"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == runs
+    assert json.loads((out / "toy.json").read_text()) == first
+    # other settings: the stored runs do not match, so both are trained again
+    assert main(["experiment", "toy", "--out", str(out), "--steps", "4", "--seeds", "0"]) == 0
+    assert all(p.stat().st_mtime_ns != runs[p.name] for p in (out / "runs").iterdir())
+    assert json.loads((out / "toy.json").read_text())["config"]["steps_per_phase"] == 4
+    assert main(["experiment", "toy", "--out", str(out), "--steps", "0"]) == 2
+    assert "--steps=0" in capsys.readouterr().err
+
+
+def test_steps_to_reach_is_the_first_logged_step_below():
+    curve = [(0, 0.5), (10, 0.2), (20, 0.05), (30, 0.2), (40, 0.001)]
+    assert toy.steps_to_reach(curve, 0.1) == 20 and toy.steps_to_reach(curve, 0.01) == 40
+    assert toy.steps_to_reach(curve, 1e-4) is None
