@@ -66,7 +66,7 @@ def test_softmax_baseline_is_one_override_away():
         ("bogus.key=1", r"bogus: unknown key; allowed: model, train, data"),
         ("train.seq_length=100000", r"train.seq_length: 100000 exceeds model.max_seq_len"),
         ("steps=3", r"--set expects section.key=value, got 'steps=3'"),
-        ("data.synth.task.min_len=40", r"data.synth.task: RetrievalTask.min_len=40 cannot hold 4 needles"),
+        ("data.synth.task.min_len=40", r"data.synth.task: RetrievalTask.min_len=40 cannot hold 4 keys x 1 assignments and 2 queries plus BOS/EOS; the minimum is \d+ byte tokens"),
     ],
 )
 def test_bad_values_are_named(override, match):
