@@ -24,7 +24,9 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that subcommand's module is imported for its arguments (the others
+    are listed by name and help), so that ``lucid train --help`` does not import torch through ``convert``."""
     from lucid_megatron import __version__
 
     parser = argparse.ArgumentParser(prog="lucid", description="Pretraining with LUCID attention.")
@@ -33,8 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         sub_parser.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(sub_parser)
+        if command is None or command == name:
+            importlib.import_module(module).add_arguments(sub_parser)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (the first word; ``lucid`` itself takes no option with a value)."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    return first if first in SUBCOMMANDS else None
 
 
 # Megatron-Core announces on every import, in every process, that it falls back from Apex and
@@ -44,12 +53,26 @@ QUIET_WARNINGS = (
     r"full scope is deprecated.*",  # megatron-core's own default for cuda_graph_scope
 )
 
+# Commands that send every library warning to a log file of their own (lucid_megatron/runtime/console.py:
+# train writes RUN_DIR/logs/); the others drop the expected ones above.
+LOGS_LIBRARY_OUTPUT = {"train"}
+# Commands that load checkpoints through DeepSpeed: name its accelerator for it (left to guess, it warns that
+# it settled on the CPU); train does this itself, before routing the libraries' output.
+LOADS_DEEPSPEED = {"convert", "eval", "experiment"}
+
 
 def main(argv: list[str] | None = None) -> int:
-    for pattern in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
-    args = build_parser().parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch themselves
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command(argv)
+    if command not in LOGS_LIBRARY_OUTPUT:
+        for pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+    args = build_parser(command).parse_args(argv)
+    if command in LOADS_DEEPSPEED:
+        from lucid_megatron.runtime.process import choose_deepspeed_accelerator
+
+        choose_deepspeed_accelerator()
+    args._argv = argv  # for commands that re-launch themselves
     result = importlib.import_module(args._module).run(args)
     return int(result or 0)
 

@@ -5,6 +5,7 @@ Layout of ``RUN_DIR/checkpoints/``::
     step_00000100/
         model/          Megatron dist_checkpointing (torch_dist): weights, reshardable across TP/DP/CP
         deepspeed/      DeepSpeed's optimizer state (Adam moments; tied to the TP x DP x ZeRO layout)
+        optimizer/      the same AdamW state per parameter (dist_checkpointing, reshardable like model/)
         rng/rank_K.pt   each rank's RNG streams
         state.json      step, data-stream positions, counters, the layout it was saved with, tokenizer
         model.yaml      the model architecture (what converters and evaluators need to rebuild it)
@@ -13,14 +14,14 @@ Layout of ``RUN_DIR/checkpoints/``::
 
 A save writes into ``step_XXXXXXXX.partial/`` and renames it only when every rank has finished and
 ``COMPLETE`` is written, then replaces ``latest``: a process killed at any moment leaves the previous
-checkpoint intact and ``latest`` pointing at it.  Loading on a different TP/DP layout restores the
-weights (resharded by Megatron), the step and the data position; Adam's moments are then restarted,
-with a warning, because DeepSpeed's ZeRO partitions cannot be resharded.
+checkpoint intact and ``latest`` pointing at it.  Resuming on the layout it was saved with loads
+DeepSpeed's own state (bit-exact).  On another TP/DP/ZeRO layout the weights and ``optimizer/`` are
+resharded by Megatron's dist_checkpointing and scattered into the new ZeRO partitions
+(``optimizer_state.py``), so AdamW continues with its moments; only the per-rank RNG streams restart.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
 import pickletools
@@ -29,7 +30,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import yaml
@@ -38,14 +38,9 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from lucid_megatron import atomic
 
+from .optimizer_state import gathered_parameters, load_optimizer_state, save_optimizer_state
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def _gathered_parameters(engine):
-    """ZeRO-3 keeps parameters partitioned: gather them (read-only) for a full-weight save."""
-    if engine is not None and engine.zero_optimization_stage() == 3:
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
 
 
 def rng_state() -> dict:
@@ -63,9 +58,10 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, keep_last: int = 2):
+    def __init__(self, root: str | Path, keep_last: int = 2, reshardable_optimizer: bool = True):
         self.root = Path(root)
         self.keep_last = keep_last
+        self.reshardable_optimizer = reshardable_optimizer  # also write optimizer/ (costs its size on disk)
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -103,9 +99,14 @@ class Checkpointer:
             (partial / "model").mkdir(parents=True)
             (partial / "rng").mkdir()
         dist.barrier()
-        with _gathered_parameters(engine):
+        with gathered_parameters(engine):
             dist_checkpointing.save(engine.module.sharded_state_dict(), str(partial / "model"))
         engine.save_checkpoint(str(partial / "deepspeed"), tag="state", save_latest=False)
+        if self.reshardable_optimizer:
+            if rank == 0:
+                (partial / "optimizer").mkdir()
+            dist.barrier()
+            save_optimizer_state(engine, partial / "optimizer")
         torch.save(rng_state(), partial / "rng" / f"rank_{rank}.pt")
         if rank == 0:
             atomic.write_text(partial / "state.json", json.dumps({"step": step, **state}, indent=1))
@@ -138,21 +139,27 @@ class Checkpointer:
         model.load_state_dict(state_dict, strict=True)
 
     @staticmethod
-    def load_training_state(path: Path, engine, same_layout: bool, layout_note: str) -> None:
-        """Optimizer and RNG state, when the layout matches the one the checkpoint was saved with."""
+    def load_training_state(path: Path, engine, same_layout: bool, layout_note: str) -> str:
+        """Optimizer (and, on the same layout, RNG) state; returns what was restored, in words.
+
+        Same layout: DeepSpeed's own files, bit-exact.  Another layout: the layout-free ``optimizer/`` copy,
+        resharded; a checkpoint written without it restores weights, step and data position only.
+        """
         path = Path(path)
         if not same_layout:
-            warnings.warn(
-                f"{path.name} was saved with a different layout ({layout_note}): weights, step and data "
-                "position are restored, the AdamW moments restart from zero"
-            )
-            return
+            if not (path / "optimizer" / "common.pt").exists():
+                return (f"{path.name} was saved with a different layout ({layout_note}) and without optimizer/: "
+                        "weights, step and data position are restored, the AdamW moments restart from zero")
+            steps = load_optimizer_state(engine, path / "optimizer")
+            return (f"{path.name} was saved with a different layout ({layout_note}): weights and AdamW state "
+                    f"({steps} updates) resharded to this layout")
         engine.load_checkpoint(
             str(path / "deepspeed"), tag="state", load_optimizer_states=True,
             load_lr_scheduler_states=False, load_module_strict=True,
         )
         rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
         set_rng_state(torch.load(rng_file, weights_only=True))  # tensors only: a crafted file cannot run code
+        return f"{path.name}: optimizer and RNG state restored"
 
 
 # The only classes DeepSpeed's own state files may name (its loader unpickles them without restriction):
@@ -227,15 +234,19 @@ def checkpoint_problem(path: Path, rank: int) -> str | None:
             return "state.json has no step"
         if (path / "model.yaml").exists():
             yaml.safe_load((path / "model.yaml").read_text())
-        problem = unsafe_model_index(path / "model") or _model_shards_problem(path / "model")
-        if problem:
-            return problem
+        for part in ("model", "optimizer"):  # Megatron distributed checkpoints (optimizer/ is optional)
+            if part == "optimizer" and not (path / part).exists():
+                continue
+            if part == "model" or (path / part / ".metadata").exists():  # no tensors before AdamW's 1st update
+                problem = unsafe_model_index(path / part) or _model_shards_problem(path / part)
+                if problem:
+                    return problem
+            for file in sorted((path / part).glob("*.pt")):  # Megatron's common state: plain data only
+                if torch.serialization.get_unsafe_globals_in_checkpoint(str(file)):
+                    return f"{file.relative_to(path)} names Python classes: refused"
         rng = path / "rng" / f"rank_{rank}.pt"
         if rng.exists():
             torch.load(rng, weights_only=True)
-        for file in sorted((path / "model").glob("*.pt")):  # Megatron's common state: plain data only
-            if torch.serialization.get_unsafe_globals_in_checkpoint(str(file)):
-                return f"{file.relative_to(path)} names Python classes: refused"
         for file in sorted((path / "deepspeed").rglob("*.pt")):
             unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(file))) - DEEPSPEED_PICKLE_GLOBALS
             if unsafe:
@@ -259,7 +270,7 @@ def _model_shards_problem(model_dir: Path) -> str | None:
     for name, end in sorted(ends.items()):
         size = (model_dir / name).stat().st_size
         if size < end:
-            return f"model/{name} is truncated ({size} bytes, the index needs {end})"
+            return f"{model_dir.name}/{name} is truncated ({size} bytes, the index needs {end})"
     return None
 
 

@@ -1,6 +1,6 @@
 """The training run's typed configuration: one YAML file, ``--set section.key=value`` overrides.
 
-Sections: model, parallel, data, optimizer, schedule, train, checkpoint, logging, launch.  Every
+Sections: model, parallel, data, optimizer, schedule, train, checkpoint, logging, launch, final_eval.  Every
 key is checked (unknown keys, wrong types, impossible combinations) before any process starts.
 """
 
@@ -146,6 +146,9 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps (0: only at the end and on preemption)
     keep_last: int = 2
     init_from: str | None = None  # weights-only start (e.g. context extension from a 2K run)
+    # Also save AdamW's state per parameter (optimizer/), so a resume on another TP/DP/ZeRO layout keeps the
+    # moments; costs about the optimizer state's size again on disk (12 bytes per parameter).
+    reshardable_optimizer: bool = True
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 1:
@@ -183,6 +186,31 @@ class LaunchConfig:
 
 
 @dataclasses.dataclass
+class FinalEvalConfig:
+    """After the last step, score retrieval on the final checkpoint (``lucid eval niah``, one process) and
+    write RUN_DIR/eval/niah.json and niah.png.  Off when the section is absent."""
+
+    lengths: list[int]  # context lengths, in tokens (each document has exactly one of them)
+    num_samples: int = 50  # documents per length
+    batch_size: int = 8  # documents per forward pass (the scores do not depend on it)
+    seed: int = 0  # length n draws its documents from numpy's default_rng([seed, n])
+    # What is asked; default: data.synth.task, the task trained on (min_len/max_len are not used)
+    task: RetrievalTask | None = None
+
+    def validate(self) -> None:
+        if not self.lengths:
+            raise ConfigError("lengths: give at least one context length, e.g. [512, 1024]")
+        repeated = sorted({n for n in self.lengths if self.lengths.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"lengths: {repeated} given more than once; each length is scored once")
+        for name in ("num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     model: ModelConfig
     train: TrainSection
@@ -193,6 +221,13 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
+    final_eval: FinalEvalConfig | None = None
+
+    def final_eval_task(self) -> RetrievalTask | None:
+        """The retrieval task final_eval asks: its own ``task``, else the synthetic data's (None: neither)."""
+        if self.final_eval is None:
+            return None
+        return self.final_eval.task or (self.data.synth.task if self.data.synth is not None else None)
 
     def validate(self) -> None:
         try:
@@ -209,6 +244,19 @@ class TrainConfig:
                 f"train.seq_length: micro_batch_size x seq_length ({tokens}) must be divisible by "
                 f"tensor_parallel_size ({self.parallel.tensor_parallel_size}) with sequence_parallel"
             )
+        if self.final_eval is not None:
+            task = self.final_eval_task()
+            if task is None:
+                raise ConfigError(
+                    "final_eval.task: required when data.synth is not set (the retrieval task to ask, e.g. "
+                    "{num_needles: 4, num_queries: 2})"
+                )
+            too_short = [n for n in self.final_eval.lengths if n < task.minimum_length()]
+            if too_short:
+                raise ConfigError(
+                    f"final_eval.lengths: {too_short} cannot hold {task.num_needles} keys x {task.updates} "
+                    f"assignments and {task.num_queries} queries; the minimum is {task.minimum_length()} tokens"
+                )
 
 
 # ---- loading ----------------------------------------------------------------------------------

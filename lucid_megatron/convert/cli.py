@@ -75,14 +75,16 @@ def to_hf(args) -> int:
     tokenizer = _tokenizer_for_export(args.tokenizer, state)
     with megatron_io.single_process():
         weights = megatron_io.load_megatron_weights(checkpoint, cfg)
-    hf_weights = {k: v.to(DTYPES[args.dtype]) for k, v in mapping.megatron_to_hf(weights, cfg).items()}
     config = hf_io.hf_config_for(cfg, tokenizer.manifest_entry())
+    hf_weights = {k: v.to(DTYPES[args.dtype])
+                  for k, v in mapping.megatron_to_hf(weights, cfg, config.vocab_size).items()}
     config.dtype = args.dtype
     out = hf_io.write_hf_dir(Path(args.out_dir), hf_weights, config, tokenizer.to_hf(),
                              max_shard_size=args.max_shard_size)
     params = sum(v.numel() for v in hf_weights.values())
     print(f"wrote {out}: {params / 1e6:.1f}M parameters ({args.dtype}) from {checkpoint}")
     print(f"  load with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    print(f"             AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)")
     return 0
 
 
@@ -104,7 +106,7 @@ def from_hf(args) -> int:
     weights = hf_io.read_hf_weights(source)
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight", None)
-    mapping.check_hf_weights(weights, cfg, str(source))
+    mapping.check_hf_weights(weights, cfg, str(source), config["vocab_size"])
     megatron = mapping.hf_to_megatron({k: v.float() for k, v in weights.items()}, cfg)
     from lucid_megatron.data.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -124,7 +126,8 @@ def from_hf(args) -> int:
 def compare_logits(checkpoint, hf_dir, *, batches: int = 4, batch_size: int = 2, seq_len: int = 128,
                    seed: int = 0, trust_remote_code: bool = False) -> dict:
     """Logits of a Megatron checkpoint and a Hugging Face directory on the same random tokens, both in
-    float32 on this process's device: max |logit difference|, KL(megatron || hf) per token, top-1 agreement."""
+    float32 on this process's device, over the exported vocabulary: max |logit difference|, KL(megatron || hf)
+    per token, top-1 agreement."""
     from transformers import AutoModelForCausalLM
 
     import lucid_megatron.hf  # noqa: F401  (registers the LUCID classes: own exports need no remote code)
@@ -143,8 +146,9 @@ def compare_logits(checkpoint, hf_dir, *, batches: int = 4, batch_size: int = 2,
         for _ in range(batches):
             tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(runtime.device)
             positions = torch.arange(seq_len, device=runtime.device).expand_as(tokens)
-            want = model(tokens, positions, None).double()
             got = hf(tokens, use_cache=False, float32_logits=True).logits.double()
+            # over the exported vocabulary: Megatron's padding rows, which no token reaches, are not exported
+            want = model(tokens, positions, None)[..., : got.shape[-1]].double()
             log_p, log_q = want.log_softmax(-1), got.log_softmax(-1)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)
             batch_abs, batch_kl, batch_kl_sum, batch_agree = runtime.host(torch.stack([

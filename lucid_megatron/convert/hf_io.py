@@ -15,12 +15,15 @@ from lucid_megatron import atomic
 from lucid_megatron.config import ConfigError, ModelConfig, from_dict
 from lucid_megatron.hf import AUTO_MAP, REMOTE_CODE_FILES, LucidConfig
 
+from .mapping import exported_vocab_size
+
 SUPPORTED_ARCHITECTURES = ("lucid", "llama")
 
 
 def hf_config_for(cfg: ModelConfig, tokenizer: dict) -> LucidConfig:
+    """The export's config; its ``vocab_size`` is the tokenizer's (Megatron's padding rows are not exported)."""
     hf = LucidConfig(
-        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        vocab_size=exported_vocab_size(cfg, tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.kv_heads, head_dim=cfg.kv_channels, max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps, position_embedding=cfg.position_embedding, rope_theta=cfg.rotary_base,
@@ -31,7 +34,7 @@ def hf_config_for(cfg: ModelConfig, tokenizer: dict) -> LucidConfig:
     )
     hf.architectures = ["LucidForCausalLM"]
     hf.auto_map = dict(AUTO_MAP)
-    # What the Megatron side needs back (vocabulary before padding, original layer pattern).
+    # What the Megatron side needs back (the model's vocabulary and its padding, original layer pattern).
     hf.lucid_megatron = {"vocab_size": cfg.vocab_size, "lucid_layers": cfg.lucid_layers,
                          "make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by,
                          "tokenizer_kind": tokenizer.get("kind")}

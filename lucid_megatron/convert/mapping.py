@@ -14,6 +14,10 @@
 | output_layer.weight (untied only)                 | lm_head.weight                                 |
 
 Both use the rotate-half RoPE convention, so no q/k permutation is needed.
+
+Vocabulary: Megatron pads the embedding and output layer to a multiple (``padded_vocab_size``); no token
+reaches those rows, so the export keeps only the tokenizer's rows, and the import appends the padding rows
+again (as the mean row, see ``_vocab_rows``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,31 @@ def name_map(cfg: ModelConfig) -> dict[str, str]:
     return names
 
 
+# The tensors with one row per vocabulary entry.
+VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def exported_vocab_size(cfg: ModelConfig, tokenizer: dict) -> int:
+    """Vocabulary rows of the export: the tokenizer's (the model's ``vocab_size`` when none is recorded)."""
+    size = tokenizer.get("vocab_size") or cfg.vocab_size
+    if not 0 < size <= cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.get('name')!r} has {size} tokens but the model has {cfg.vocab_size} "
+                         f"(model.vocab_size); allowed: 1..{cfg.vocab_size}, the tokenizer the model was trained with")
+    return size
+
+
+def _vocab_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` vocabulary rows; rows beyond the tensor's (Megatron's padding) are the mean row.
+
+    Why the mean: training pushes every logit of a token that never occurs far down (to about the mean logit
+    of the real vocabulary), so zero rows (logit 0) would take real probability in Megatron's loss over the
+    padded vocabulary (measured on a trained model: +1.2 nats on answer tokens), mean rows hardly any (+3e-5).
+    """
+    if tensor.shape[0] >= rows:
+        return tensor[:rows]
+    return torch.cat([tensor, tensor.mean(0, keepdim=True).expand(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
 def _qkv_shape(cfg: ModelConfig):
     groups = cfg.kv_heads
     return groups, cfg.num_attention_heads // groups, cfg.kv_channels, cfg.hidden_size
@@ -60,9 +89,11 @@ def _contiguous(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone(memory_format=torch.contiguous_format) for k, v in weights.items()}  # no shared views
 
 
-def megatron_to_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def megatron_to_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors with ``vocab_size`` vocabulary rows (Megatron's padding rows dropped)."""
     groups, per_group, hd, hidden = _qkv_shape(cfg)
-    out = {hf: weights[megatron] for megatron, hf in name_map(cfg).items()}
+    out = {hf: _vocab_rows(weights[megatron], vocab_size) if megatron in VOCAB_ROWS else weights[megatron]
+           for megatron, hf in name_map(cfg).items()}
     for i in range(cfg.num_layers):
         qkv = weights[QKV[0].format(i=i)].reshape(groups, per_group + 2, hd, hidden)
         q, k, v = (name.format(i=i) for name in QKV[1])
@@ -75,8 +106,10 @@ def megatron_to_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 
 
 def hf_to_megatron(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Megatron tensors; the vocabulary rows are padded to ``cfg.padded_vocab_size`` (mean rows, ``_vocab_rows``)."""
     groups, per_group, hd, hidden = _qkv_shape(cfg)
-    out = {megatron: weights[hf] for megatron, hf in name_map(cfg).items()}
+    out = {megatron: _vocab_rows(weights[hf], cfg.padded_vocab_size) if megatron in VOCAB_ROWS else weights[hf]
+           for megatron, hf in name_map(cfg).items()}
     for i in range(cfg.num_layers):
         q, k, v = (weights[name.format(i=i)] for name in QKV[1])
         parts = [q.reshape(groups, per_group, hd, hidden), k.reshape(groups, 1, hd, hidden),
@@ -86,21 +119,28 @@ def hf_to_megatron(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     return _contiguous(out)
 
 
-def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the Hugging Face model for ``cfg``, read off the model itself built on the meta
-    device (no memory, no initialisation); tied embeddings appear once."""
+def expected_hf_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the Hugging Face model for ``cfg`` with ``vocab_size`` vocabulary rows, read off the
+    model itself built on the meta device (no memory, no initialisation); tied embeddings appear once."""
     from lucid_megatron.hf import LucidForCausalLM
 
     from .hf_io import hf_config_for
 
+    config = hf_config_for(cfg, {})
+    config.vocab_size = vocab_size
     with torch.device("meta"):
-        model = LucidForCausalLM(hf_config_for(cfg, {}))
+        model = LucidForCausalLM(config)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def check_hf_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> None:
-    """Every expected tensor present with the expected shape; errors name the tensor and the file."""
-    expected = expected_hf_shapes(cfg)
+def check_hf_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig, source: str, vocab_size: int) -> None:
+    """Every expected tensor present with the expected shape (``vocab_size``: the config's vocabulary rows, up
+    to the padded size: exports before the rows were trimmed carry them); errors name the tensor and the file."""
+    if not 0 < vocab_size <= cfg.padded_vocab_size:
+        raise ValueError(f"{source}/config.json: vocab_size={vocab_size}; allowed: 1..{cfg.padded_vocab_size} "
+                         f"(the model's vocabulary of {cfg.vocab_size} padded to a multiple of "
+                         f"{cfg.make_vocab_size_divisible_by})")
+    expected = expected_hf_shapes(cfg, vocab_size)
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise ValueError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")

@@ -87,8 +87,8 @@ class MegatronScorer:
     @torch.no_grad()
     def next_token_scores(self, docs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per document: the greedy prediction at every position and the loss (nats) of the actual next
-        token there (0 at the last position), both on the host.  The loss is the model's cross-entropy
-        over its whole output vocabulary (padding rows included), the same quantity as the training loss."""
+        token there (0 at the last position), both on the host.  Loss and prediction are over the tokenizer's
+        vocabulary (the padding rows of the output layer left out), as in a Hugging Face export of the model."""
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         from lucid_megatron.runtime.placement import packed_seq_params
@@ -96,12 +96,11 @@ class MegatronScorer:
         batch = _pack(docs)
         local, positions = self._local(batch)
         logits = self.model(local.tokens, local.position_ids, None, packed_seq_params=packed_seq_params(local))
-        # The loss normalises over the whole (padded) output vocabulary, as the training loss does; the
-        # prediction is the most likely real token.
-        logits = gather_from_tensor_model_parallel_region(logits)[0].float()
+        # Only real tokens compete: the export drops the padding rows, and both scorers must agree.
+        logits = gather_from_tensor_model_parallel_region(logits)[0][:, : self.cfg.vocab_size].float()
         losses = _next_token_losses(logits, local.labels[0], local.loss_weight[0])
         total = batch.tokens.shape[1]
-        predictions = self._gather(logits[:, : self.cfg.vocab_size].argmax(-1), positions, total, -1).numpy()
+        predictions = self._gather(logits.argmax(-1), positions, total, -1).numpy()
         losses = self._gather(losses, positions, total, 0.0).numpy()
         bounds = batch.cu_seqlens.tolist()
         return [(predictions[a:b], losses[a:b]) for a, b in zip(bounds, bounds[1:])]

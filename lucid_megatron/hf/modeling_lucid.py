@@ -245,12 +245,22 @@ class LucidModel(LucidPreTrainedModel):
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos(), angles.sin()
 
-    def forward(self, input_ids, valid, position_ids, cache):
+    def forward(self, input_ids, valid, position_ids, cache, keep_states=None):
+        """The final normed hidden states and, for ``keep_states`` (indices into them), every hidden state the
+        transformers convention lists: the embeddings, each layer's output, the last one after the final norm
+        (``num_hidden_layers + 1`` entries; ones not kept are None)."""
         x = self.embed_tokens(input_ids)
         rope = self._rope(position_ids, x.dtype)
-        for layer in self.layers:
+        keep = keep_states or set()  # only the kept ones are held: each is a [B, T, hidden] activation
+        states = [x if 0 in keep else None]
+        for i, layer in enumerate(self.layers, start=1):
             x = layer(x, rope, valid, cache)
-        return self.norm(x)
+            states.append(x if i in keep else None)
+        x = self.norm(x)
+        if keep_states is None:
+            return x, None
+        states[-1] = x if len(self.layers) in keep else None
+        return x, tuple(states)
 
 
 @dataclass
@@ -258,6 +268,7 @@ class LucidCausalLMOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     cache: LucidCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 class LucidForCausalLM(LucidPreTrainedModel, GenerationMixin):
@@ -280,10 +291,19 @@ class LucidForCausalLM(LucidPreTrainedModel, GenerationMixin):
         self.model.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, labels=None,
-                use_cache=None, logits_to_keep=0, float32_logits=None, past_key_values=None, **kwargs):
-        """``attention_mask`` [B, past + T] (1 = token, 0 = left padding) covers the cached tokens too."""
+                use_cache=None, logits_to_keep=0, float32_logits=None, past_key_values=None,
+                output_hidden_states=None, output_attentions=None, **kwargs):
+        """``attention_mask`` [B, past + T] (1 = token, 0 = left padding) covers the cached tokens too.
+        ``output_hidden_states``: True, or the indices of the hidden states to keep (transformers >= 5)."""
         if input_ids is None:
             raise ValueError("LucidForCausalLM needs input_ids")
+        if output_attentions if output_attentions is not None else getattr(self.config, "output_attentions", False):
+            raise ValueError("output_attentions=True is not supported: LUCID layers never form their attention "
+                             "matrix (V is preconditioned, then fused attention runs), so there are no weights to "
+                             "return; output_hidden_states=True is")
+        keep_states = self._hidden_state_indices(
+            output_hidden_states if output_hidden_states is not None
+            else getattr(self.config, "output_hidden_states", False))
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         b, t = input_ids.shape
@@ -303,7 +323,7 @@ class LucidForCausalLM(LucidPreTrainedModel, GenerationMixin):
             position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         if use_cache and cache is None:
             cache = LucidCache(self.config.num_hidden_layers)
-        hidden = self.model(input_ids, valid, position_ids, cache if use_cache else None)
+        hidden, hidden_states = self.model(input_ids, valid, position_ids, cache if use_cache else None, keep_states)
         if use_cache:
             cache.valid = valid
         if logits_to_keep:
@@ -315,7 +335,23 @@ class LucidForCausalLM(LucidPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return LucidCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return LucidCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
+                                   hidden_states=hidden_states)
+
+    def _hidden_state_indices(self, selection) -> set[int] | None:
+        """Which of the ``num_hidden_layers + 1`` hidden states to return: all (True), none (False/None), or the
+        index or indices given (negative ones count from the end)."""
+        count = self.config.num_hidden_layers + 1
+        if selection is None or selection is False:
+            return None
+        if selection is True:
+            return set(range(count))
+        indices = [selection] if isinstance(selection, int) else list(selection)
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count]
+        if bad:
+            raise ValueError(f"output_hidden_states={selection!r}: index {bad[0]!r} is not allowed; allowed: True, "
+                             f"False or indices in [-{count}, {count - 1}] ({count} hidden states)")
+        return {i % count for i in indices}
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=True,
                                       past_key_values=None, **kwargs):
@@ -323,7 +359,7 @@ class LucidForCausalLM(LucidPreTrainedModel, GenerationMixin):
         past = cache.get_seq_length() if cache is not None else 0
         inputs = {"input_ids": input_ids[:, past:], "attention_mask": attention_mask, "cache": cache,
                   "use_cache": use_cache}
-        for key in ("float32_logits", "logits_to_keep"):
+        for key in ("float32_logits", "logits_to_keep", "output_hidden_states", "output_attentions"):
             if key in kwargs:
                 inputs[key] = kwargs[key]
         return inputs

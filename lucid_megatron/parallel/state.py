@@ -12,6 +12,8 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from .cpu_shim import apply_cpu_shim
 
+_ADDED_ENVIRONMENT: set[str] = set()  # variables initialize_parallel set for a world of one
+
 
 def initialize_parallel(
     tensor_parallel_size: int = 1,
@@ -35,7 +37,9 @@ def initialize_parallel(
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend, timeout=timeout)
         else:
-            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it even for one process
+            if "LOCAL_RANK" not in os.environ:  # DeepSpeed insists on it even for one process; removed again by
+                os.environ["LOCAL_RANK"] = "0"  # destroy_parallel, or later subprocesses think torchrun started them
+                _ADDED_ENVIRONMENT.add("LOCAL_RANK")
             dist.init_process_group(backend, rank=0, world_size=1, store=dist.HashStore(), timeout=timeout)
     world = dist.get_world_size()
     if world % (tensor_parallel_size * context_parallel_size):
@@ -59,3 +63,5 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _ADDED_ENVIRONMENT:
+        os.environ.pop(_ADDED_ENVIRONMENT.pop(), None)

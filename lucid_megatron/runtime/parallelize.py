@@ -140,6 +140,20 @@ def deepspeed_config(options: EngineOptions) -> dict:
     }
 
 
+def _skip_shared_memory_comm_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op (``deepspeed_shm_comm``).
+
+    On the CPU accelerator DeepSpeed's communication backend compiles that C++ op when it starts, in every
+    process (minutes on first use, into a cache every environment shares, so two environments rebuild it
+    in turn) and prints "built successfully". Only its inference all-reduce (kernel injection) uses the
+    op; training collectives go through torch.distributed (gloo) either way. Marking it incompatible in
+    DeepSpeed's op table, which DeepSpeed consults before building, skips the build and the shared memory.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(model: torch.nn.Module, options: EngineOptions):
     """A DeepSpeed engine around ``model`` (already on its device) with torch's AdamW (no fused-Adam build).
 
@@ -147,6 +161,7 @@ def build_engine(model: torch.nn.Module, options: EngineOptions):
     """
     import deepspeed
 
+    _skip_shared_memory_comm_op()
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         (no_decay if p.dim() == 1 else decay).append(p)

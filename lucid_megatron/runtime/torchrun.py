@@ -10,6 +10,8 @@ import threading
 
 import psutil
 
+from .process import threads_per_process
+
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -32,8 +34,9 @@ def run_torchrun(nproc_per_node: int, arguments: list[str], *, stop_grace_s: flo
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc_per_node}", "-m", "lucid_megatron", *arguments]
-    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    proc = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS=threads))
+    # Each worker gets its share of the cores (torchrun would set 1, with a warning, when this is unset).
+    threads = threads_per_process(nproc_per_node)
+    proc = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     deadline: list[threading.Timer] = []
 
     def kill_tree():

@@ -114,6 +114,19 @@ def check_same_model(model, checkpoint: Path) -> None:
         )
 
 
+def _prepare_process(run_dir: Path, under_torchrun: bool, nproc: int, checks_first: bool) -> None:
+    """Threads, DeepSpeed's accelerator, and library output to RUN_DIR/logs/ (before Megatron or DeepSpeed
+    is imported): rank_K.log per training process, launcher.log for the process that starts torchrun.
+    ``checks_first``: hold that output until the preflight passes (a refused run writes no run directory)."""
+    from lucid_megatron.runtime.process import prepare_training_process
+
+    if under_torchrun:
+        name, local = f"rank_{int(os.environ['RANK'])}", int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
+    else:
+        name, local = ("rank_0" if nproc == 1 else "launcher"), nproc
+    prepare_training_process(run_dir / "logs" / f"{name}.log", local_processes=local, hold_log=checks_first)
+
+
 def run(args) -> int:
     from lucid_megatron.config.train import load_train_config
 
@@ -127,19 +140,28 @@ def run(args) -> int:
     if nproc < 1:
         return _fail(f"--nproc-per-node: must be >= 1, got {nproc}")
     world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun else nproc
-    if not under_torchrun or os.environ.get("RANK") == "0":
+    checks_first = not under_torchrun or os.environ.get("RANK") == "0"
+    try:
+        _prepare_process(run_dir, under_torchrun, nproc, checks_first)
+    except ValueError as err:
+        return _fail(str(err))
+    if checks_first:
         try:
             preflight(cfg, run_dir, args.resume, world_size)
         except (ConfigError, FileNotFoundError, ValueError) as err:
             return _fail(str(err))
+        from lucid_megatron.runtime.console import release_log_file
+
+        release_log_file()
 
     if under_torchrun or nproc == 1:
         from lucid_megatron.runtime import CollectiveTimeout
         from lucid_megatron.train.run_lock import RunDirBusy
+        from lucid_megatron.train.final_eval import run_final_eval
         from lucid_megatron.train.trainer import TrainingStopped, run_training
 
         try:
-            return run_training(cfg, run_dir, args.resume)
+            return run_training(cfg, run_dir, args.resume) or run_final_eval(cfg, run_dir)  # 0: trained
         except (TrainingStopped, RunDirBusy, CollectiveTimeout) as err:
             print(f"lucid train: stopped: {err}", file=sys.stderr, flush=True)
             return 1

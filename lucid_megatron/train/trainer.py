@@ -139,7 +139,8 @@ class Trainer:
                 f"is {cfg.model.vocab_size}"
             )
 
-        self.checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                        reshardable_optimizer=cfg.checkpoint.reshardable_optimizer)
         resume_path = self._resume_point()
         state, load = {}, None
         if resume_path is not None:
@@ -169,8 +170,8 @@ class Trainer:
         }
         if resume_path is not None:
             saved = state.get("layout")
-            Checkpointer.load_training_state(resume_path, self.engine, same_layout=saved == self.layout_record,
-                                             layout_note=f"saved {saved}, now {self.layout_record}")
+            _say(Checkpointer.load_training_state(resume_path, self.engine, same_layout=saved == self.layout_record,
+                                                  layout_note=f"saved {saved}, now {self.layout_record}"))
         self.resume_path = resume_path
         self.start_step = state.get("step", 0)
         self.nonfinite_total = state.get("nonfinite_steps", 0)
@@ -326,7 +327,7 @@ class Trainer:
             f"ZeRO-{cfg.train.zero_stage}, {self.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} x "
             f"{cfg.train.seq_length} tokens per rank, {self.runtime.device}, "
             f"{str(params_dtype(cfg.train.precision, self.runtime.device)).removeprefix('torch.')}, "
-            f"{cfg.model.spec} layers"
+            f"{cfg.model.spec} layers, {torch.get_num_threads()} CPU thread(s) per process"
         )
         step, outcome = self.start_step, "finished"
         resume_hint = f"continue with: lucid train <config> --run-dir {run_dir} --resume auto"

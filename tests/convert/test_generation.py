@@ -13,12 +13,17 @@ def test_greedy_generate_with_cache_equals_recomputation(exported):
     prompt = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=258, eos_token_id=None)
+                             output_hidden_states=True, return_dict_in_generate=True, pad_token_id=258,
+                             eos_token_id=None)
         ids = prompt
         for step in range(12):  # recompute everything from scratch at every step, no cache
             logits = model(ids, use_cache=False, float32_logits=True).logits[:, -1]
             assert (logits - out.logits[step]).abs().max().item() < 1e-5
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            # hidden states reach generate(): the prompt's at the first step, then the new token's
+            states = out.hidden_states[step]
+            assert len(states) == 3 and states[-1].shape == (1, 21 if step == 0 else 1, 64)
+            assert torch.equal(model.lm_head(states[-1][:, -1]), out.logits[step])
     assert torch.equal(out.sequences, ids)
 
 

@@ -1,45 +1,64 @@
 """The exported directory loads with trust_remote_code where lucid_megatron cannot be imported."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from .conftest import convert
 
-# Runs in a fresh interpreter whose import system refuses lucid_megatron (and megatron/deepspeed, which a
-# machine with only torch + transformers + safetensors would not have either).
+# Runs in a fresh interpreter where lucid_megatron (and megatron/deepspeed, which a machine with only torch +
+# transformers + safetensors would not have either) look uninstalled: with None in sys.modules an import fails
+# and importlib.util.find_spec answers None (transformers probes for deepspeed when accelerate is installed).
 HIDDEN = r"""
-import importlib.abc, json, sys
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("lucid_megatron", "megatron", "deepspeed"):
-            raise ImportError(f"{name} is hidden for this test")
-        return None
-sys.meta_path.insert(0, Refuse())
+import json, sys
+HIDDEN = ("lucid_megatron", "megatron", "deepspeed")
+sys.modules.update(dict.fromkeys(HIDDEN))
 import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+loaded = {}
+exec(sys.argv[3].replace('"out/hf"', repr(sys.argv[1])), loaded)  # loading code naming the directory "out/hf"
+model = loaded["model"].eval()
 tokens = torch.tensor(json.loads(sys.argv[2]))
 with torch.no_grad():
     logits = model(tokens, use_cache=False).logits
 print(json.dumps({"logits": logits.tolist(), "type": type(model).__module__,
                   "fast": model.__class__.__module__ and bool(sys.modules[type(model).__module__]._fast_precondition),
-                  "hidden_loaded": [m for m in sys.modules if m.split(".")[0] in ("lucid_megatron", "megatron")]}))
+                  "encoded": loaded["tok"]("hi")["input_ids"] if "tok" in loaded else None,
+                  "hidden_loaded": [m for m, module in sys.modules.items() if m.split(".")[0] in HIDDEN and module]}))
+"""
+LOAD = """
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("out/hf", trust_remote_code=True)
 """
 
 
-def test_loads_without_lucid_megatron(exported, tmp_path):
-    tokens = torch.randint(0, 259, (2, 33), generator=torch.Generator().manual_seed(3))
-    result = subprocess.run([sys.executable, "-c", HIDDEN, str(exported), json.dumps(tokens.tolist())],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+def _docs_loading_code() -> str:
+    """The Python block of docs/conversion.md that loads an export (model and tokenizer)."""
+    text = (Path(__file__).parents[2] / "docs" / "conversion.md").read_text()
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+
+def _run_hidden(directory, tokens, code, cwd):
+    """HIDDEN in a fresh interpreter, stdin closed: a trust_remote_code prompt would show in its output."""
+    result = subprocess.run([sys.executable, "-c", HIDDEN, str(directory), json.dumps(tokens.tolist()), code],
+                            capture_output=True, text=True, timeout=300, cwd=cwd, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "trust_remote_code" not in result.stdout + result.stderr  # no prompt, no warning about it
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_loads_without_lucid_megatron(exported, tmp_path):
+    """The documented loading code (docs/conversion.md) works where only torch + transformers exist."""
+    tokens = torch.randint(0, 259, (2, 33), generator=torch.Generator().manual_seed(3))
+    out = _run_hidden(exported, tokens, _docs_loading_code(), tmp_path)
     assert out["hidden_loaded"] == [] and out["fast"] is False  # the plain-PyTorch solve ran
     assert "modeling_lucid" in out["type"]
+    assert out["encoded"] == [256, ord("h"), ord("i")]  # the tokenizer loaded too, <bos> first
     # Same logits as the model loaded here, where the fast operator is available.
     model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -119,10 +138,7 @@ def test_save_pretrained_of_a_registered_load_reloads_without_lucid_megatron(exp
     model.save_pretrained(resaved)
     assert {"configuration_lucid.py", "modeling_lucid.py"} <= {p.name for p in resaved.iterdir()}
     tokens = torch.randint(0, 259, (1, 17), generator=torch.Generator().manual_seed(4))
-    result = subprocess.run([sys.executable, "-c", HIDDEN, str(resaved), json.dumps(tokens.tolist())],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = _run_hidden(resaved, tokens, LOAD, tmp_path)
     with torch.no_grad():
         want = model(tokens, use_cache=False).logits
     assert (torch.tensor(out["logits"]) - want).abs().max().item() < 1e-5

@@ -10,6 +10,8 @@ device (a named stand-in engine below does backward and no update). Megatron's a
 paths are checked by ``lucid selftest gpu`` on a real GPU.
 """
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -144,3 +146,20 @@ def test_the_cp_split_builds_the_layout_once_with_the_index_map():
         assert torch.equal(local.tokens[0][real], mb.tokens[0][local.source_positions[real]])
         assert (local.tokens[0][~real] == 0).all()
     assert sorted(seen) == list(range(23))  # every token on exactly one rank
+
+
+def test_a_world_of_one_leaves_no_torchrun_variable_behind(monkeypatch):
+    """DeepSpeed needs LOCAL_RANK even for one process; once the runtime stops it must be gone again, or a
+    subprocess started later (lm-eval's accelerate, torchrun) believes it is a torchrun worker."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    start_runtime(1)
+    try:
+        assert os.environ["LOCAL_RANK"] == "0"
+    finally:
+        stop_runtime()
+    assert "LOCAL_RANK" not in os.environ
+    monkeypatch.setenv("LOCAL_RANK", "3")  # one the caller set is the caller's: kept
+    start_runtime(1)
+    stop_runtime()
+    assert os.environ["LOCAL_RANK"] == "3"

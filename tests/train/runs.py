@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,13 @@ def metrics(run_dir: Path) -> list[dict]:
 def train_records(run_dir: Path) -> dict[int, dict]:
     """step -> the training record of that step (validation records left out)."""
     return {r["step"]: r for r in metrics(run_dir) if "loss" in r}
+
+
+# Every line `lucid train` itself prints: its messages, the progress line, the validation line.
+OUR_LINE = re.compile(r"^(lucid train: |step \d+/\d+ \[[#.]+\]  loss |step \d+: validation loss )")
+
+
+def foreign_console_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """Console lines (stdout and stderr) that `lucid train` did not write itself: library output belongs in
+    RUN_DIR/logs/."""
+    return [line for line in (result.stdout + result.stderr).splitlines() if line and not OUR_LINE.match(line)]

@@ -58,8 +58,8 @@ def test_softmax_baseline_is_one_override_away():
         ("train.steps=ten", r"train.steps: expected int, got 'ten'"),
         ("train.zero_stage=4", r"train.zero_stage: 4 is not allowed; allowed: 0, 1, 2, 3"),
         ("train.zero_stage=true", r"train.zero_stage: True is not allowed"),
-        ("parallel.tensor_parallel_size=3", r"num_attention_heads \(8\) is not divisible by tensor_parallel_size \(3\)"),
-        ("train.global_batch_size=15", r"global_batch_size: 15 is not divisible by micro_batch_size \(4\)"),
+        ("parallel.tensor_parallel_size=3", r"num_attention_heads \(2\) is not divisible by tensor_parallel_size \(3\)"),
+        ("train.global_batch_size=15", r"global_batch_size: 15 is not divisible by micro_batch_size \(8\)"),
         ("model.preset=2b", r"model.preset: '2b' is not a preset; allowed: 125m, 1b"),
         ("model.lucid_layers=every-2", r"model.lucid_layers: unknown pattern"),
         ("data.loss_tokens=some", r"data.loss_tokens: 'some' is not allowed; allowed: 'all', 'answer'"),
@@ -78,7 +78,7 @@ def test_layout_checks_need_the_world_size():
     cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["train.global_batch_size=12", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match=r"global_batch_size: 12 is not divisible by micro_batch_size x data_parallel \(4 x 2\)"):
         check_layout(cfg, 2)
-    cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.tensor_parallel_size=2"])
+    cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.tensor_parallel_size=2", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match=r"world size \(3 processes\) is not divisible"):
         check_layout(cfg, 3)
     layout = check_layout(cfg, 4)
@@ -106,9 +106,9 @@ def test_missing_config_file():
 
 
 def test_context_parallel_that_cannot_be_honoured_is_refused():
-    # demo: 8 heads, 2 KV heads
+    # demo: 2 heads, 2 KV heads
     with pytest.raises(ConfigError, match=r"cp_comm_type='a2a' splits heads over context-parallel ranks: the attention "
-                                          r"heads per TP rank \(8\) must be divisible by context_parallel_size \(3\)"):
+                                          r"heads per TP rank \(2\) must be divisible by context_parallel_size \(3\)"):
         load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.context_parallel_size=3", "parallel.cp_comm_type=a2a"])
     with pytest.raises(ConfigError, match=r"cp_comm_type: 'ring' is not allowed; allowed: 'a2a', 'p2p'"):
         load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.cp_comm_type=ring"])

@@ -123,6 +123,8 @@ DAMAGES = {
                          "UnpicklingError"),
     "crafted model index": (lambda step, marker: (step / "model" / ".metadata").write_bytes(
         pickle.dumps(_RunsCode(f"touch {marker}"))), ".metadata names classes outside a checkpoint index (posix.system)"),
+    "crafted reshardable optimizer index": (lambda step, marker: (step / "optimizer" / ".metadata").write_bytes(
+        pickle.dumps(_RunsCode(f"touch {marker}"))), "optimizer/.metadata names classes outside a checkpoint index"),
     "crafted DeepSpeed file": (
         lambda step, marker: torch.save({"x": _RunsCode(f"touch {marker}")}, next((step / "deepspeed").rglob("*.pt"))),
         "names classes outside DeepSpeed's state (posix.system): refused"),
