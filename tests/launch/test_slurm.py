@@ -37,7 +37,8 @@ def overrides(tmp_path_factory):
     data = tmp_path_factory.mktemp("data") / "synth"
     write_synth_dataset(data, RetrievalTask(min_len=128, max_len=256, num_needles=2, num_queries=1),
                         train_docs=400, valid_docs=16, docs_per_shard=50, seed=0, tokenizer=ByteTokenizer())
-    return [f"data.path={data}", "train.seq_length=256", "data.eval_rows=8", "logging.interval=1"]
+    return [f"data.path={data}", "train.seq_length=256", "data.eval_rows=8", "logging.interval=1",
+            "final_eval.lengths=[160]", "final_eval.num_samples=2"]
 
 
 def _launch(cluster, run_dir, *args, overrides=()):
@@ -193,7 +194,7 @@ def test_dry_run_renders_a_multi_node_gpu_job(tmp_path):
     "args,message",
     [
         (["--nodes", "2", "--gpus-per-node", "8", "--nproc-per-node", "4"], "must equal --gpus-per-node (8)"),
-        (["--nodes", "1", "--nproc-per-node", "3"], "global_batch_size: 16 is not divisible by micro_batch_size x data_parallel (4 x 3)"),
+        (["--nodes", "1", "--nproc-per-node", "3"], "global_batch_size: 16 is not divisible by micro_batch_size x data_parallel (8 x 3)"),
         (["--time", "two hours"], "--time 'two hours' is not a SLURM time"),
         # strings with a newline would end the #SBATCH header or inject a command into the job script
         (["--job-name", "x\nrm -rf ~"], "--job-name 'x\\nrm -rf ~' contains the control character '\\n'"),
