@@ -265,11 +265,11 @@ def test_ctrl_c_saves_and_stops(config, tmp_path):
 def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(config, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small file system here (needs root): {mounted.stderr.strip()}")
     try:
-        run_dir = disk / "run"  # one 2.3 MB checkpoint fits, the second does not
+        run_dir = disk / "run"  # one 4.1 MB checkpoint fits, the second does not
         result = run_train(config, run_dir, overrides=["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=1"],
                            expect_ok=False)
         assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
