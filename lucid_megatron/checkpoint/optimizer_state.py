@@ -70,7 +70,12 @@ def _full_value(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
         value = safe_get_full_fp32_param(param)
     else:
         value = safe_get_full_optimizer_state(param, key)
-    return value.detach().float().reshape(param.ds_shape if hasattr(param, "ds_shape") else param.shape).cpu()
+    return value.detach().float().reshape(_full_shape(param)).cpu()
+
+
+def _full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
+    """The parameter's (tensor-parallel-local) shape; ZeRO-3 keeps it in ``ds_shape`` while the data is partitioned."""
+    return tuple(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
 
 
 def adam_steps(engine) -> int:
@@ -103,10 +108,9 @@ def load_optimizer_state(engine, directory: Path) -> int:
     params = _sharded_parameters(engine)
     template: dict = {}
     for name, param, sharded in params:
-        shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
         for key in (*MOMENTS, MASTER):
             template[f"{key}/{name}"] = make_sharded_optimizer_tensor(
-                sharded, torch.empty(tuple(shape), dtype=torch.float32), key)
+                sharded, torch.empty(_full_shape(param), dtype=torch.float32), key)
     loaded = dist_checkpointing.load(template, str(directory))
     _create_empty_adam_state(engine, steps)
     for name, param, _ in params:

@@ -152,7 +152,7 @@ LAYOUTS = {"dp1": (1, []), "dp2": (2, []), "tp2": (2, ["parallel.tensor_parallel
 @pytest.mark.parametrize(
     "saved,loaded,stage",
     [("dp2", "dp1", 1), ("dp2", "dp1", 2), ("dp2", "dp1", 3), ("tp2", "dp1", 1), ("tp2", "dp1", 2), ("tp2", "dp1", 3),
-     ("dp1", "dp2", 2)],
+     ("tp2", "dp1", 0), ("dp1", "dp2", 2)],
 )
 def test_resharded_resume_continues_with_the_adam_state(config, tmp_path, monkeypatch, saved, loaded, stage):
     """Saved at one layout (step 5 of 7), resumed at another: steps 6 and 7 give the un-resharded
