@@ -158,10 +158,14 @@ def run(args) -> int:
         from lucid_megatron.runtime import CollectiveTimeout
         from lucid_megatron.train.run_lock import RunDirBusy
         from lucid_megatron.train.final_eval import run_final_eval
+        from lucid_megatron.train.signals import PreemptionFlag
         from lucid_megatron.train.trainer import TrainingStopped, run_training
 
         try:
-            return run_training(cfg, run_dir, args.resume) or run_final_eval(cfg, run_dir)  # 0: trained
+            with PreemptionFlag() as preemption:  # one flag for training and final_eval (see signals.py)
+                # 0: trained (or preempted and saved); then the evaluation, if the run finished
+                return (run_training(cfg, run_dir, args.resume, preemption)
+                        or run_final_eval(cfg, run_dir, preemption))
         except (TrainingStopped, RunDirBusy, CollectiveTimeout) as err:
             print(f"lucid train: stopped: {err}", file=sys.stderr, flush=True)
             return 1

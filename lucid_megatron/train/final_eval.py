@@ -4,6 +4,10 @@ Runs ``lucid eval niah`` (the same command a user would type, so the numbers are
 child process of one: the training's process group is gone by then and the other ranks have exited.  Writes
 RUN_DIR/eval/niah.json (the command's results plus the chance levels) and RUN_DIR/eval/niah.png, and prints
 exact match beside chance by length.  A run that stopped early (stop_at_step, a signal) is not evaluated.
+
+A preemption signal during the evaluation (SLURM's warning SIGUSR1, or SIGTERM) stops it and marks the run
+``preempted`` at its last step, so a job script requeues it and the resumed run, with nothing left to train,
+evaluates; Ctrl-C stops it and says the command that evaluates the finished run.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import json
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,10 +27,12 @@ from lucid_megatron.config.model import parse_lucid_layers
 from lucid_megatron.config.train import TrainConfig
 from lucid_megatron.data.synth import RetrievalTask
 
+from .signals import PreemptionFlag
+from .status import read_status, write_status
+
 # torchrun's variables: without them the child is a world of one on this rank's device (LOCAL_RANK 0 -> cuda:0).
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def _say(text: str) -> None:
@@ -64,42 +70,33 @@ def finished_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
     """The checkpoint of the run's last step if the run finished (status.json), else None."""
     from lucid_megatron.checkpoint import Checkpointer
 
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except FileNotFoundError:
-        return None
+    status = read_status(run_dir) or {}
     if status.get("state") != "finished" or status.get("step", 0) < cfg.train.steps:
         return None
     path = Checkpointer(run_dir / "checkpoints").step_dir(status["step"])
     return path if (path / "COMPLETE").exists() else None
 
 
-class _Stopped(Exception):
-    pass
-
-
-def _raise_stopped(signum, frame):
-    raise _Stopped(signal.Signals(signum).name)
-
-
-def _run_child(arguments: list[str]) -> subprocess.CompletedProcess:
-    """``python -m lucid_megatron ARGUMENTS`` as a world of one; a stop signal stops it too (no orphan)."""
+def _run_child(arguments: list[str], preemption: PreemptionFlag) -> subprocess.CompletedProcess | None:
+    """``python -m lucid_megatron ARGUMENTS`` as a world of one; None, with the child killed (no orphan),
+    once ``preemption`` has received a signal."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
-    previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
-    child = None
-    try:
+    if preemption.received:
+        return None
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:  # no pipe to drain
         child = subprocess.Popen([sys.executable, "-m", "lucid_megatron", *arguments], env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        stdout, stderr = child.communicate()
-        return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
-    except _Stopped:
-        if child is not None:
-            child.kill()
-            child.wait()
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+                                 stdout=stdout, stderr=stderr)
+        try:
+            while child.poll() is None and not preemption.received:
+                time.sleep(0.1)
+        finally:  # also on the second Ctrl-C (KeyboardInterrupt)
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        if preemption.received:  # the child may have died of the same signal first: the signal decides
+            return None
+        stdout.seek(0), stderr.seek(0)
+        return subprocess.CompletedProcess(child.args, child.returncode, stdout.read(), stderr.read())
 
 
 def table(results: dict, label: str, odds: dict, needles: int) -> str:
@@ -114,9 +111,10 @@ def table(results: dict, label: str, odds: dict, needles: int) -> str:
     return "\n".join("lucid train: " + "  ".join(f"{cell:>{w}}" for cell, w in zip(row, widths)) for row in rows)
 
 
-def run_final_eval(cfg: TrainConfig, run_dir: str | Path) -> int:
+def run_final_eval(cfg: TrainConfig, run_dir: str | Path, preemption: PreemptionFlag) -> int:
     """After ``run_training`` returned 0: evaluate if configured, on rank 0, and the run finished.  Returns
-    the exit code (0 also when there is nothing to do)."""
+    the exit code (0 also when there is nothing to do, and when preempted: the resumed run evaluates).
+    ``preemption`` is the flag the training held (signals since its last step count)."""
     run_dir = Path(run_dir)
     if cfg.final_eval is None or int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -140,11 +138,16 @@ def run_final_eval(cfg: TrainConfig, run_dir: str | Path) -> int:
     started = time.perf_counter()
     arguments = niah_arguments(cfg, checkpoint, out, plot)
     command = shlex.join(["lucid", *arguments])
-    try:
-        result = _run_child(arguments)
-    except _Stopped as signal_name:
-        _say(f"stopped by {signal_name}; the training finished (checkpoint {checkpoint}); evaluate it with: {command}")
+    result = _run_child(arguments, preemption)
+    if result is None and preemption.received == "SIGINT":
+        _say(f"stopped by Ctrl-C; the training finished (checkpoint {checkpoint}); evaluate it with: {command}")
         return 1
+    if result is None:
+        write_status(run_dir, "preempted", cfg.train.steps)  # a job script requeues; the resumed run evaluates
+        _say(f"received {preemption.received} during the evaluation: stopped it. The training finished "
+             f"(checkpoint {checkpoint}); a resumed run (--resume auto, as a requeued job does) evaluates it, "
+             f"as does: {command}")
+        return 0
     if result.returncode != 0:
         print(result.stderr[-4000:], file=sys.stderr, flush=True)
         _say(f"`lucid eval niah` failed (exit {result.returncode}); the training finished (checkpoint "

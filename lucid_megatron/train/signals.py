@@ -4,6 +4,10 @@ SLURM sends SIGTERM (and, with ``--signal``, SIGUSR1 ahead of the time limit); C
 Ctrl-C aborts at once, without saving).  The handler only sets
 a flag; the training loop checks it between steps and all ranks agree through one all-reduce (on the
 runtime's device: NCCL takes no CPU tensors), so every rank saves the same step.
+
+``lucid train`` holds one flag from before the process group starts until the process ends, final_eval
+included: a warning signal that arrives between two phases is remembered, never the default action
+(which would kill the process and leave the job script a run in no known state).
 """
 
 from __future__ import annotations
@@ -36,3 +40,9 @@ class PreemptionFlag:
     def restore(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+    def __enter__(self) -> "PreemptionFlag":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

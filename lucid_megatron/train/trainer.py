@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import shutil
@@ -23,7 +22,6 @@ import yaml
 from megatron.core import parallel_state
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lucid_megatron import atomic
 from lucid_megatron.config.schema import to_dict
 from lucid_megatron.config.train import TrainConfig, dump_config
 from lucid_megatron.data import loader as data_loader
@@ -37,6 +35,7 @@ from lucid_megatron.checkpoint import (Checkpointer, checkpoint_problem, nonfini
 from .engine import StepResult, evaluate, rows_digest, train_step
 from .metrics import MetricsLogger
 from .run_lock import RunDirLock
+from . import status
 from .schedule import check_layout, gradient_accumulation_steps, lr_at
 from .signals import PreemptionFlag
 
@@ -46,13 +45,9 @@ class TrainingStopped(RuntimeError):
 
 
 def write_status(run_dir: Path, state: str, step: int) -> None:
-    """``RUN_DIR/status.json``: running | preempted | stopped | finished | failed (rank 0, atomic).
-
-    Job scripts read it to decide between exiting and requeueing (lucid_megatron/launch/slurm.sbatch).
-    """
-    if dist.get_rank() != 0:
-        return
-    atomic.write_text(run_dir / "status.json", json.dumps({"state": state, "step": step, "time": time.time()}))
+    """The run's state for job scripts (status.py), written by rank 0."""
+    if dist.get_rank() == 0:
+        status.write_status(run_dir, state, step)
 
 
 def _say(text: str) -> None:
@@ -106,14 +101,16 @@ def _save_failure(root: Path, step: int, err: BaseException, previous: Path | No
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None,
+                 preemption: PreemptionFlag | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.runtime = None
         self.engine = None
         self.metrics = None
-        self.preemption = None
+        self.preemption = preemption  # the caller's, held beyond this run (lucid train); else our own
+        self.owns_preemption = preemption is None
         self.lock = None
         self.last_saved: tuple[int, Path] | None = None
 
@@ -125,7 +122,8 @@ class Trainer:
         self.runtime = start_runtime(self.layout.tensor_parallel, self.layout.context_parallel,
                                      sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed,
                                      collective_timeout_s=cfg.train.collective_timeout_s)
-        self.preemption = PreemptionFlag()
+        if self.owns_preemption:
+            self.preemption = PreemptionFlag()
         if self.runtime.is_first_rank:
             self.lock = RunDirLock(run_dir).acquire()  # before anything is written there
             (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -375,7 +373,7 @@ class Trainer:
         return 0
 
     def close(self) -> None:
-        if self.preemption is not None:
+        if self.owns_preemption and self.preemption is not None:
             self.preemption.restore()
         if self.metrics is not None:
             self.metrics.close()
@@ -386,5 +384,6 @@ class Trainer:
         stop_runtime()
 
 
-def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = None) -> int:
-    return Trainer(cfg, run_dir, resume).run()
+def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = None,
+                 preemption: PreemptionFlag | None = None) -> int:
+    return Trainer(cfg, run_dir, resume, preemption).run()

@@ -62,12 +62,18 @@ def _node_log(run_dir) -> str:
     return "".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*-node*.log")))
 
 
+def _job_logs(run_dir) -> str:
+    """The batch script's and the nodes' logs, for a failure message."""
+    return "".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((run_dir / "slurm").glob("*.*"))
+                   if p.suffix in (".out", ".log"))
+
+
 @pytest.mark.parametrize("nodes,nproc", [(1, 2), (2, 1)], ids=["1-node-2-procs", "2-nodes-1-proc-each"])
 def test_job_matches_direct_torchrun(cluster, overrides, tmp_path, nodes, nproc):
     run_dir = tmp_path / "slurm-run"
     job = _launch(cluster, run_dir, "--nodes", str(nodes), "--nproc-per-node", str(nproc),
                   overrides=overrides + ["train.steps=4"])
-    assert cluster.wait(job) == "COMPLETED"
+    assert cluster.wait(job) == "COMPLETED", _job_logs(run_dir)
     log = _node_log(run_dir)
     assert "world 2 = DP 2 x CP 1 x TP 1" in log
     got, want = train_records(run_dir), _direct(tmp_path, overrides, 4)
@@ -86,14 +92,17 @@ def _start_requeued_job_now(cluster, job: str) -> None:
         if "Restarts=1" in show and "JobState=PENDING" in show:
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=cluster.env)
             return
-        if "Restarts=1" in show:  # already running again
+        if "Restarts=1" in show and "JobState=PENDING" not in show and "JobState=REQUEUE" not in show \
+                and "JobState=COMPLETING" not in show:  # already running (or done) again
             return
         time.sleep(0.2)
 
 
 def test_warning_signal_checkpoints_requeues_and_resumes(cluster, overrides, tmp_path):
     run_dir = tmp_path / "slurm-run"
-    steps = ["train.steps=12"]
+    # Enough steps that the signal (after step 3) finds the run training; should it come during final_eval
+    # instead, that too is a preemption the requeued job resumes (it evaluates), and everything below holds.
+    steps = ["train.steps=20"]
     job = _launch(cluster, run_dir, "--nodes", "1", "--nproc-per-node", "2", overrides=overrides + steps)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -103,15 +112,16 @@ def test_warning_signal_checkpoints_requeues_and_resumes(cluster, overrides, tmp
     # What SLURM does --signal-seconds before the time limit: SIGUSR1 to the job's steps.
     subprocess.run(["scancel", "--signal=USR1", job], check=True, env=cluster.env)
     _start_requeued_job_now(cluster, job)
-    assert cluster.wait(job, timeout=900) == "COMPLETED"
+    assert cluster.wait(job, timeout=900) == "COMPLETED", _job_logs(run_dir)
     batch_log = (run_dir / "slurm" / f"lucid-demo-{job}.out").read_text()
     assert "requeueing job" in batch_log and "restart 1/3" in batch_log and "run finished" in batch_log
     assert "received SIGUSR1" in _node_log(run_dir)
     show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=cluster.env).stdout
     assert "Restarts=1" in show
-    got, want = train_records(run_dir), _direct(tmp_path, overrides, 12)
-    assert sorted(got) == list(range(1, 13))
-    assert got[12]["loss"] == want[12]["loss"]
+    got, want = train_records(run_dir), _direct(tmp_path, overrides, 20)
+    assert sorted(got) == list(range(1, 21))
+    assert got[20]["loss"] == want[20]["loss"]
+    assert (run_dir / "eval" / "niah.json").exists()
 
 
 def test_scancel_leaves_no_process_behind(cluster, overrides, tmp_path):

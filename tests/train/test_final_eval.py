@@ -3,13 +3,17 @@
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from .runs import BASE_CONFIG, run_train, train_env
+import psutil
+
+from .runs import BASE_CONFIG, run_train, train_command, train_env
 
 # Two keys, so both chance levels apply: guess the 2-digit value (0.01) or copy a random key's value (0.5).
 TASK = {"min_len": 48, "max_len": 64, "num_needles": 2, "num_queries": 1, "key_len": 1, "value_len": 2,
@@ -67,6 +71,35 @@ def test_final_eval_scores_the_finished_run_as_lucid_eval_niah_does(tmp_path):
         assert rows[length][1] == f"{got[length]['exact_match']:.3f}"
         assert rows[length][-2:] == ["0.01", "0.5"]
     assert f"plot {run_dir / 'eval' / 'niah.png'}" in finished.stdout
+
+
+def test_a_warning_signal_during_the_evaluation_leaves_it_to_the_resumed_run(tmp_path):
+    """SLURM's warning (SIGUSR1) while final_eval runs: the child is stopped, the run is marked preempted at its
+    last step (a job script requeues it) and exits 0; the resumed run has nothing to train and evaluates."""
+    config, run_dir = _config(tmp_path), tmp_path / "run"
+    train = subprocess.Popen(train_command(config, run_dir, overrides=["train.steps=2"]), env=train_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    printed = []
+    for line in train.stdout:
+        printed.append(line)
+        if "lucid train: final_eval: retrieval on" in line:
+            os.kill(train.pid, signal.SIGUSR1)
+            break
+    out, err = train.communicate(timeout=300)
+    printed.append(out)
+    assert train.returncode == 0, "".join(printed) + err[-4000:]
+    assert "received SIGUSR1 during the evaluation: stopped it" in "".join(printed)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
+    assert json.loads((run_dir / "status.json").read_text())["step"] == 2
+    assert not (run_dir / "eval" / "niah.json").exists()
+    orphans = [p.pid for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
+    assert orphans == []
+
+    resumed = run_train(config, run_dir, overrides=["train.steps=2"], resume="auto")
+    assert "nothing to do" in resumed.stdout and "final_eval: plot" in resumed.stdout
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert json.loads((run_dir / "eval" / "niah.json").read_text())["checkpoint"] == str(
+        run_dir / "checkpoints" / "step_00000002")
 
 
 @pytest.mark.parametrize(
