@@ -63,7 +63,9 @@ class SlurmCluster:
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
-            f"AuthInfo=socket={r / 'munge' / 'munge.socket'}",
+            # cred_expire (default 120 s) is also how long slurmctld holds a requeued job before it may start
+            # again (sooner, slurmd refuses the launch: "Job credential revoked"); 20 s is ample for a local step.
+            f"AuthInfo=socket={r / 'munge' / 'munge.socket'},cred_expire=20",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}/%n",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}",
