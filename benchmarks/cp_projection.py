@@ -1,100 +1,104 @@
-"""Analytic model of context-parallel LUCID attention per layer (forward + backward), for 8-64 GPUs.
+"""Analytic projection of context-parallel LUCID attention (one layer, forward + backward) to 64-256 GPUs:
+a2a, p2p and a2a+p2p side by side, and which is fastest.
 
-    python benchmarks/cp_projection.py [--seqlen 131072] [--heads 32 --kv-heads 4 --head-dim 64]
-                                       [--cpu-seconds 10.81 --cpu-seqlen 16384 --cpu-heads 8 --cpu-kv-heads 2]
+    python benchmarks/cp_projection.py [--gpus 64 128 256] [--seqlens 131072 262144 524288 1048576]
+                                       [--heads 32 --kv-heads 4 --head-dim 64] [--tp 1] [--a2a-size A]
 
-The formulas (docs/context-parallel.md) count FLOPs and the bytes each rank receives; the byte formulas
-match the counters of benchmarks/bench_context_parallel.py exactly.  The compute rate is calibrated from
-a measured single-process run (default: this repository's CPU measurement) and then replaced by an
-assumed GPU rate; network numbers are assumptions, printed with the table.  Not a test.
+FLOPs, bytes and the time model are lucid_megatron/parallel/cp_cost.py (the bytes equal the counted
+collectives exactly, tests/parallel/test_cp_bytes.py).  The compute rate is an assumed GPU rate (the
+calibration line shows what the CPU measurement sustains on the same FLOP count); link bandwidths and
+latencies are assumptions, printed with the table.  a2a+p2p uses an a2a group of GPUs per node / TP CP ranks
+(one node) unless --a2a-size says otherwise.  Not a test, and not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+
+from lucid_megatron.parallel.cp_cost import Cluster, attention_flops, received_bytes, step_time
+
+NOT_MODELLED = (
+    "not modelled: overlap of communication with compute other than the p2p pipeline's (with the solve) and "
+    "the key/value ring's (with the softmax part), congestion and topology beyond 'same node or not', "
+    "collective algorithms (all-to-all = a message per peer; broadcasts and reduce-scatters bring data into "
+    "a node once; a per-message latency; log2(group) steps per collective), kernel efficiency at small "
+    "chunk sizes, memory, and the rest of the layer"
+)
 
 
-def attention_flops(n: int, d: int, hq: int, hkv: int) -> float:
-    """Forward + backward FLOPs of causal LUCID attention: 7 N^2 D per query head (softmax part, 2 forward
-    + 5 backward half-square matmuls) and per KV head (preconditioner)."""
-    return 7.0 * n * n * d * (hq + hkv)
-
-
-def a2a_bytes(n, d, hq, hkv, cp, elem=2):
-    """Received per rank: all-to-all of q, k, v, o forward and their gradients backward."""
-    hkv_eff = max(hkv, cp)  # KV heads are replicated when there are fewer than ranks
-    return 2 * (cp - 1) / cp**2 * n * (2 * hq + 2 * hkv_eff) * d * elem
-
-
-def p2p_bytes(n, d, hkv, cp, elem=2, acc=4):
-    """Received per rank: forward all-gather of Kn (acc dtype) and K, the V' broadcasts; backward the
-    re-gathers (K, Kn, V'), reduce-scatters of dK and dV', the dV broadcasts and the Kn row-side terms."""
-    return (cp - 1) / cp * n * hkv * d * (8 * acc + 2 * elem)
-
-
-def a2a_time(n, d, hq, hkv, cp, rate, bandwidth, latency):
-    hkv_eff = max(hkv, cp)
-    compute = attention_flops(n, d, hq, hkv_eff) / cp / rate
-    comm = a2a_bytes(n, d, hq, hkv, cp) / bandwidth + 8 * (cp - 1) * latency
-    return compute, comm
-
-
-def p2p_time(n, d, hq, hkv, cp, rate, bandwidth, latency, sub_chunks):
-    units = 2 * cp * sub_chunks
-    m = n / units
-    compute = attention_flops(n, d, hq, hkv) / cp / rate
-    # Pipeline: each unit waits for its predecessor's broadcast and then does one cross-unit update and
-    # its own diagonal solve (forward: 2 + 1 half-square matmuls of m rows; backward: about 2.5x).
-    per_unit = 3.5 * (2 * m * m * d * hkv) / rate + latency + m * hkv * d * 4 / bandwidth
-    bubble = units * per_unit
-    # 2 broadcasts per unit (V' forward, dV backward) and 10 gathers/reduce-scatters, each a log2(cp)-step tree
-    comm = p2p_bytes(n, d, hkv, cp) / bandwidth + (2 * units + 10) * math.log2(cp) * latency
-    return compute, comm, bubble
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f}"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlen", type=int, default=131072)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--gpus", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--seqlens", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
+    p.add_argument("--heads", type=int, default=32, help="query heads (the 1b preset: 32)")
+    p.add_argument("--kv-heads", type=int, default=4, help="KV heads (the 1b preset: 4)")
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: CP = GPUs / TP, heads / TP per rank")
+    p.add_argument("--a2a-size", type=int, default=None, help="a2a+p2p group size (default GPUs per node / TP)")
     p.add_argument("--sub-chunks", type=int, default=1)
-    p.add_argument("--cpu-seconds", type=float, default=9.25, help="measured CP=1 fwd+bwd time")
-    p.add_argument("--cpu-seqlen", type=int, default=16384)
-    p.add_argument("--cpu-heads", type=int, default=8)
-    p.add_argument("--cpu-kv-heads", type=int, default=2)
-    p.add_argument("--gpu-tflops", type=float, default=400.0, help="assumed sustained bf16 attention TFLOP/s")
-    p.add_argument("--nvlink-gbs", type=float, default=300.0, help="assumed per-GPU bandwidth inside a node")
-    p.add_argument("--ib-gbs", type=float, default=50.0, help="assumed per-GPU bandwidth across nodes")
+    p.add_argument("--gpu-tflops", type=float, default=400.0, help="assumed sustained attention TFLOP/s per GPU")
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nvlink-gbs", type=float, default=450.0, help="per GPU and direction inside a node")
+    p.add_argument("--ib-gbs", type=float, default=50.0, help="per GPU across nodes (its own NIC)")
+    p.add_argument("--cpu-seconds", type=float, default=9.25, help="measured CP=1 fwd+bwd time on the CPU")
+    p.add_argument("--cpu-seqlen", type=int, default=16384)
     args = p.parse_args(argv)
 
-    cpu_rate = attention_flops(args.cpu_seqlen, 64, args.cpu_heads, args.cpu_kv_heads) / args.cpu_seconds
-    print(f"calibration: CPU CP=1 run sustains {cpu_rate / 1e9:.1f} GFLOP/s on the LUCID attention FLOP count")
-    print(f"assumptions: {args.gpu_tflops:.0f} TFLOP/s per GPU; {args.nvlink_gbs:.0f} GB/s and 10 us inside a node "
-          f"of {args.gpus_per_node}; {args.ib_gbs:.0f} GB/s and 25 us across nodes; no overlap counted; "
-          f"p2p sub_chunks={args.sub_chunks}; bf16 tensors, fp32 preconditioner state\n")
-    n, d, hq, hkv = args.seqlen, args.head_dim, args.heads, args.kv_heads
-    rate = args.gpu_tflops * 1e12
-    print(f"N = {n}, Hq = {hq}, Hkv = {hkv}, D = {d}; one layer, forward + backward, per GPU (ms)\n")
-    print("| GPUs (CP) | compute | a2a comm | a2a total | p2p comm | p2p pipeline bubble | p2p total |")
-    print("|---|---|---|---|---|---|---|")
-    single = attention_flops(n, d, hq, hkv) / rate
-    for cp in (8, 16, 32, 64):
-        inside = cp <= args.gpus_per_node
-        bw = (args.nvlink_gbs if inside else args.ib_gbs) * 1e9
-        lat = 10e-6 if inside else 25e-6
-        compute, p_comm, bubble = p2p_time(n, d, hq, hkv, cp, rate, bw, lat, args.sub_chunks)
-        if hq % cp == 0 and (hkv % cp == 0 or cp % hkv == 0):
-            a_compute, a_comm = a2a_time(n, d, hq, hkv, cp, rate, bw, lat)
-            a2a_cells = f"{1e3 * a_comm:.2f} | {1e3 * (a_compute + a_comm):.2f}"
-        else:
-            a2a_cells = "n/a (heads) | n/a"
-        p2p_total = max(compute, bubble) + p_comm
-        print(f"| {cp} | {1e3 * compute:.2f} | {a2a_cells} | {1e3 * p_comm:.2f} | {1e3 * bubble:.2f} | "
-              f"{1e3 * p2p_total:.2f} |")
-    print(f"\n(one GPU would need {1e3 * single:.1f} ms for this layer's attention)")
+    cluster = Cluster(rate=args.gpu_tflops * 1e12, ranks_per_node=args.gpus_per_node // args.tp,
+                      nvlink=args.nvlink_gbs * 1e9, ib=args.ib_gbs * 1e9)
+    hq, hkv, d, tp = args.heads // args.tp, args.kv_heads // args.tp, args.head_dim, args.tp
+    a2a_size = args.a2a_size or cluster.ranks_per_node
+    cpu_rate = attention_flops(args.cpu_seqlen, 64, 8, 2) / args.cpu_seconds
+    print(f"calibration: the CPU CP=1 run (N={args.cpu_seqlen}, Hq=8, Hkv=2) sustains {cpu_rate / 1e9:.0f} GFLOP/s "
+          f"on this FLOP count")
+    print(f"assumptions: {args.gpu_tflops:.0f} TFLOP/s per GPU; nodes of {args.gpus_per_node} GPUs; "
+          f"NVLink {args.nvlink_gbs:.0f} GB/s per GPU and direction, {cluster.nvlink_latency * 1e6:.0f} us per "
+          f"message; across nodes InfiniBand {args.ib_gbs:.0f} GB/s per GPU (one NIC each), "
+          f"{cluster.ib_latency * 1e6:.0f} us; bf16 tensors, fp32 preconditioner state; p2p sub_chunks="
+          f"{args.sub_chunks}; TP={tp}")
+    print(NOT_MODELLED)
+    print(f"\nHq={hq}, Hkv={hkv} per TP rank, D={d}; one layer's attention, forward + backward, per GPU, ms; "
+          "GB = received per GPU (a2a+p2p: over NVLink + over InfiniBand)\n")
+    print("| N | GPUs | a2a total | p2p compute | p2p pipeline | p2p ring | p2p comm | p2p total | p2p GB | "
+          "a2a+p2p AxP | compute | pipeline | ring | a2a comm | p2p comm | a2a+p2p total | a2a+p2p GB | fastest |")
+    print("|" + "---|" * 18)
+    for n in args.seqlens:
+        for gpus in args.gpus:
+            cp = gpus // tp
+            totals = {}
+            try:
+                totals["a2a"] = step_time(n, d, hq, hkv, cp, cp, cluster, sub_chunks=args.sub_chunks)["total"]
+                a2a_cell = _ms(totals["a2a"])
+            except ValueError:
+                a2a_cell = "n/a (heads)"
+            pp = step_time(n, d, hq, hkv, cp, 1, cluster, sub_chunks=args.sub_chunks)
+            totals["p2p"] = pp["total"]
+            p_gb = sum(received_bytes(n, d, hq, hkv, cp, 1).values()) / 1e9
+            cells = [str(n), str(gpus), a2a_cell, _ms(pp["compute"]), _ms(pp["pipeline"]), _ms(pp["ring"]),
+                     _ms(pp["p2p_comm"]), _ms(pp["total"]), f"{p_gb:.2f}"]
+            if 1 < a2a_size < cp and cp % a2a_size == 0:
+                try:
+                    hy = step_time(n, d, hq, hkv, cp, a2a_size, cluster, sub_chunks=args.sub_chunks)
+                except ValueError:
+                    cells += [f"{a2a_size}x{cp // a2a_size}: n/a (heads)"] + [""] * 7
+                else:
+                    totals["a2a+p2p"] = hy["total"]
+                    sent = received_bytes(n, d, hq, hkv, cp, a2a_size)
+                    a2a_gb = sent.pop("all_to_all") / 1e9
+                    cells += [f"{a2a_size}x{cp // a2a_size}", _ms(hy["compute"]), _ms(hy["pipeline"]),
+                              _ms(hy["ring"]), _ms(hy["a2a_comm"]), _ms(hy["p2p_comm"]), _ms(hy["total"]),
+                              f"{a2a_gb:.2f} + {sum(sent.values()) / 1e9:.2f}"]
+            else:
+                cells += ["n/a"] + [""] * 7
+            best = min(totals, key=totals.get)
+            cells.append(best)
+            print("| " + " | ".join(cells) + " |")
+    single = attention_flops(args.seqlens[0], d, args.heads, args.kv_heads) / cluster.rate
+    print(f"\n(one GPU would need {_ms(single)} ms for all heads at N={args.seqlens[0]})")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,13 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     sequence_parallel: bool = False
     context_parallel_size: int = 1
-    # "a2a": heads all-to-all (needs heads divisible by CP); "p2p": sequence-pipelined solve
-    cp_comm_type: Literal["a2a", "p2p"] = "p2p"
+    # "a2a": heads all-to-all (needs heads divisible by CP); "p2p": sequence-pipelined solve;
+    # "a2a+p2p": heads all-to-all inside groups of hierarchical_context_parallel_sizes[0] ranks (a node),
+    # the sequence-pipelined solve across the hierarchical_context_parallel_sizes[1] groups
+    cp_comm_type: Literal["a2a", "p2p", "a2a+p2p"] = "p2p"
     cp_sub_chunks: int = 1  # p2p pipeline units per zigzag chunk (shorter critical path, more messages)
+    # a2a+p2p only: [a2a group size, number of groups], product = context_parallel_size (Megatron's name)
+    hierarchical_context_parallel_sizes: list[int] | None = None
 
     def validate(self) -> None:
         for name in ("tensor_parallel_size", "context_parallel_size", "cp_sub_chunks"):
@@ -28,6 +32,37 @@ class ParallelConfig:
             raise ConfigError(
                 "sequence_parallel: needs tensor_parallel_size > 1 (it splits the sequence over TP ranks)"
             )
+        self._validate_hierarchy()
+
+    def _validate_hierarchy(self) -> None:
+        sizes, cp = self.hierarchical_context_parallel_sizes, self.context_parallel_size
+        if self.cp_comm_type != "a2a+p2p":
+            if sizes is not None:
+                raise ConfigError(f"hierarchical_context_parallel_sizes: {sizes} is only used with "
+                                  f"cp_comm_type='a2a+p2p' (got cp_comm_type={self.cp_comm_type!r}); remove it")
+            return
+        if cp == 1:
+            return  # no context parallelism: nothing to split
+        if sizes is None or len(sizes) != 2 or any(not isinstance(x, int) for x in sizes):
+            raise ConfigError(f"hierarchical_context_parallel_sizes: cp_comm_type='a2a+p2p' needs [a2a group size, "
+                              f"number of groups], two integers, e.g. [8, {max(1, cp // 8)}]; got {sizes}")
+        a2a, groups = sizes
+        if a2a * groups != cp:
+            raise ConfigError(f"hierarchical_context_parallel_sizes: {sizes} multiplies to {a2a * groups}, not "
+                              f"context_parallel_size ({cp})")
+        if a2a == 1 or groups == 1:
+            other = "p2p" if a2a == 1 else "a2a"
+            raise ConfigError(f"hierarchical_context_parallel_sizes: {sizes} has a level of size 1, which is "
+                              f"cp_comm_type={other!r} with extra steps; use cp_comm_type={other!r}")
+
+    @property
+    def a2a_group_size(self) -> int:
+        """Ranks of one head all-to-all: all CP ranks (a2a), none (p2p), the first level (a2a+p2p)."""
+        if self.context_parallel_size == 1 or self.cp_comm_type == "p2p":
+            return 1
+        if self.cp_comm_type == "a2a":
+            return self.context_parallel_size
+        return self.hierarchical_context_parallel_sizes[0]
 
 
 def check_model_fits(model: "ModelConfig", parallel: ParallelConfig) -> None:
@@ -46,21 +81,28 @@ def check_model_fits(model: "ModelConfig", parallel: ParallelConfig) -> None:
             f"tensor_parallel_size ({tp}) (the padded vocabulary must split evenly and not depend on TP)"
         )
     cp = parallel.context_parallel_size
-    if cp > 1 and parallel.cp_comm_type == "a2a" and not problems:
+    if cp > 1 and parallel.cp_comm_type in ("a2a", "a2a+p2p") and not problems:
         try:
-            check_a2a_heads(model.num_attention_heads // tp, model.kv_heads // tp, cp)
+            check_a2a_heads(model.num_attention_heads // tp, model.kv_heads // tp, parallel.a2a_group_size,
+                            parallel.cp_comm_type)
         except ValueError as err:
             problems.append(str(err))
     if problems:
         raise ValueError("model does not fit the parallel layout: " + "; ".join(problems))
 
 
-def check_a2a_heads(num_heads: int, num_kv_heads: int, cp_size: int) -> None:
-    """Raise a ValueError naming the head counts when ``a2a`` cannot split them over ``cp_size`` ranks (the one
-    statement of this rule: the config check, the layer and the operator all call it)."""
-    if num_heads % cp_size or (num_kv_heads % cp_size and cp_size % num_kv_heads):
+def check_a2a_heads(num_heads: int, num_kv_heads: int, a2a_size: int, cp_comm_type: str = "a2a") -> None:
+    """Raise a ValueError naming the head counts when a head all-to-all cannot split them over ``a2a_size``
+    ranks (the one statement of this rule: the config check, the layer and the operator all call it)."""
+    if num_heads % a2a_size or (num_kv_heads % a2a_size and a2a_size % num_kv_heads):
+        if cp_comm_type == "a2a":
+            what = f"context_parallel_size ({a2a_size})"
+            instead = "use cp_comm_type='p2p', or 'a2a+p2p' with an a2a group size the heads divide into"
+        else:
+            what = f"the a2a group size, hierarchical_context_parallel_sizes[0] ({a2a_size})"
+            instead = "use a smaller a2a group (a divisor of both head counts) or cp_comm_type='p2p'"
         raise ValueError(
-            f"cp_comm_type='a2a' splits heads over context-parallel ranks: the attention heads per TP rank "
-            f"({num_heads}) must be divisible by context_parallel_size ({cp_size}), and the KV heads per TP "
-            f"rank ({num_kv_heads}) must divide or be divisible by it; use cp_comm_type='p2p' instead"
+            f"cp_comm_type={cp_comm_type!r} splits heads over an all-to-all group: the attention heads per TP "
+            f"rank ({num_heads}) must be divisible by {what}, and the KV heads per TP rank ({num_kv_heads}) "
+            f"must divide or be divisible by it; {instead}"
         )

@@ -70,6 +70,7 @@ def _load_sweep(path: str) -> list[list[str]]:
 def _run_slurm(args) -> int:
     from lucid_megatron.config.train import load_train_config
     from lucid_megatron.train.schedule import check_layout
+    from lucid_megatron.launch.node_layout import check_placement
     from lucid_megatron.launch.slurm import SlurmJob, render, submit, write_script
     from lucid_megatron.train.cli import default_run_dir
 
@@ -85,12 +86,18 @@ def _run_slurm(args) -> int:
             job_name=args.job_name, sbatch_args=args.sbatch_args,
         )
         job.validate()
-        # Every task's config must be valid for this world size before anything is submitted.
+        # Every task's config must be valid for this world size, and its head all-to-all placed inside a
+        # node where it must be, before anything is submitted.
+        warnings = []
         for extra in sweep or [[]]:
-            check_layout(load_train_config(args.config, args.overrides + extra), job.world_size)
+            cfg = load_train_config(args.config, args.overrides + extra)
+            check_layout(cfg, job.world_size)
+            warnings += [w for w in check_placement(cfg, job.nodes, job.nproc_per_node) if w not in warnings]
         script = render(job)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         return _fail(str(err))
+    for warning in warnings:
+        print(f"lucid launch: warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(script, end="")
         return 0

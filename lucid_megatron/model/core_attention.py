@@ -26,9 +26,10 @@ from lucid_megatron.ops import lucid_attention, softmax_attention
 from lucid_megatron.parallel.context import ZigzagLayout
 from lucid_megatron.config.parallel import check_a2a_heads
 from lucid_megatron.parallel.cp_a2a import a2a_attention
+from lucid_megatron.parallel.cp_hybrid import hybrid_attention
 from lucid_megatron.parallel.cp_p2p import p2p_attention
 
-CP_COMM_TYPES = ("a2a", "p2p")
+CP_COMM_TYPES = ("a2a", "p2p", "a2a+p2p")
 
 
 class SoftmaxCoreAttention(MegatronModule):
@@ -73,12 +74,21 @@ class SoftmaxCoreAttention(MegatronModule):
                     f"cp_comm_type={self.cp_comm_type!r} with context_parallel_size={self.cp_size} "
                     f"(allowed: {', '.join(CP_COMM_TYPES)})"
                 )
-            elif self.cp_comm_type == "a2a":
+            elif self.cp_comm_type in ("a2a", "a2a+p2p"):
                 tp = config.tensor_model_parallel_size
-                try:
-                    check_a2a_heads(config.num_attention_heads // tp, config.num_query_groups // tp, self.cp_size)
-                except ValueError as err:
-                    problems.append(str(err))
+                sizes = config.hierarchical_context_parallel_sizes
+                two_levels = bool(sizes) and len(sizes) == 2 and sizes[0] * sizes[1] == self.cp_size
+                if self.cp_comm_type == "a2a+p2p" and not two_levels:
+                    problems.append(f"cp_comm_type='a2a+p2p' needs hierarchical_context_parallel_sizes [a2a group "
+                                    f"size, number of groups] multiplying to context_parallel_size "
+                                    f"({self.cp_size}), got {sizes}")
+                else:
+                    a2a_size = self.cp_size if self.cp_comm_type == "a2a" else sizes[0]
+                    try:
+                        check_a2a_heads(config.num_attention_heads // tp, config.num_query_groups // tp, a2a_size,
+                                        self.cp_comm_type)
+                    except ValueError as err:
+                        problems.append(str(err))
         if problems:
             raise ValueError(f"{name} (layer {layer_number}) cannot be built: " + "; ".join(problems))
         self.layer_number = layer_number
@@ -88,6 +98,9 @@ class SoftmaxCoreAttention(MegatronModule):
         self.cp_group = None
         if self.cp_size > 1:
             self.cp_group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
+        if self.cp_size > 1 and self.cp_comm_type == "a2a+p2p":  # Megatron's: [a2a inside, p2p across]
+            self.a2a_group, self.p2p_group = (getattr(pg_collection, "hcp", None)
+                                              or parallel_state.get_hierarchical_context_parallel_groups())
 
     def attend(self, q, k, v, cu_seqlens):
         """``[B, N, H, D]`` flash-attention layout in and out."""
@@ -102,6 +115,9 @@ class SoftmaxCoreAttention(MegatronModule):
         common = dict(scale=self.softmax_scale, **self.context_parallel_options())
         if self.cp_comm_type == "a2a":
             return a2a_attention(q, k, v, layout, self.cp_group, **common)
+        if self.cp_comm_type == "a2a+p2p":
+            return hybrid_attention(q, k, v, layout, self.a2a_group, self.p2p_group, sub_chunks=self.cp_sub_chunks,
+                                    **common)
         return p2p_attention(q, k, v, layout, self.cp_group, sub_chunks=self.cp_sub_chunks, **common)
 
     def forward(

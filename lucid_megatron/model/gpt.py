@@ -54,6 +54,7 @@ def transformer_config(
         sequence_parallel=parallel.sequence_parallel,
         context_parallel_size=parallel.context_parallel_size,
         cp_comm_type=parallel.cp_comm_type,
+        hierarchical_context_parallel_sizes=parallel.hierarchical_context_parallel_sizes,
         # Weights are drawn whole on the CPU and then split, so a seed gives the same model for
         # every TP size (Megatron's GPU init draws per-rank shards from per-rank streams).
         use_cpu_initialization=True,

@@ -132,6 +132,28 @@ def broadcast_async(x: torch.Tensor, src_rank_in_group: int, group):
     return dist.broadcast(x, src=dist.get_global_rank(group, src_rank_in_group), group=group, async_op=True)
 
 
+class RingPass:
+    """Each tensor sent to the next rank of ``group`` and a same-shaped one received from the previous
+    (one batched exchange, so NCCL pairs the sends and receives instead of deadlocking on a cycle)."""
+
+    def __init__(self, tensors: list[torch.Tensor], group):
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        after, before = (dist.get_global_rank(group, (rank + step) % size) for step in (1, -1))
+        self._sent = [t.contiguous() for t in tensors]  # kept alive until the exchange completes
+        self.received = [torch.empty_like(t) for t in self._sent]
+        ops = []
+        for out, into in zip(self._sent, self.received):
+            ops += [dist.P2POp(dist.isend, out, after, group), dist.P2POp(dist.irecv, into, before, group)]
+        self._works = dist.batch_isend_irecv(ops)
+        _count("ring", sum(t.numel() * t.element_size() for t in self.received))
+
+    def wait(self) -> list[torch.Tensor]:
+        for work in self._works:
+            work.wait()
+        self._sent = []
+        return self.received
+
+
 def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     """``x`` is [size, ...] (one slice per destination rank); returns [size, ...] (one per source)."""
     size = dist.get_world_size(group)

@@ -16,7 +16,7 @@ from lucid_megatron.ops import lucid_attention, softmax_attention
 from .context import ZigzagLayout, all_to_all
 
 
-class _SequenceToHeads(torch.autograd.Function):
+class SequenceToHeads(torch.autograd.Function):
     """[B, T_local, H, D] on each rank -> [B, cp * T_local, H / cp, D] (rank-major sequence)."""
 
     @staticmethod
@@ -29,7 +29,7 @@ class _SequenceToHeads(torch.autograd.Function):
         return _heads_to_seq(grad, ctx.group), None
 
 
-class _HeadsToSequence(torch.autograd.Function):
+class HeadsToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
@@ -56,16 +56,21 @@ def _heads_to_seq(x, group):
     return recv.permute(1, 2, 0, 3, 4).reshape(b, st // size, size * hc, d)
 
 
+def replicate_kv_heads(k, v, a2a_size: int):
+    """With fewer KV heads than all-to-all ranks, each rank gets a copy of the one its query heads use."""
+    hkv = k.shape[2]
+    if hkv % a2a_size == 0:
+        return k, v
+    return k.repeat_interleave(a2a_size // hkv, dim=2), v.repeat_interleave(a2a_size // hkv, dim=2)
+
+
 def a2a_attention(q, k, v, layout: ZigzagLayout, group, *, lucid: bool, eps: float, scale: float,
                   backend: str = "auto") -> torch.Tensor:
     """q [B, T_local, Hq, D], k [B, T_local, Hkv, D], v [B, T_local, Hkv, Dv] in the zigzag layout."""
-    cp = layout.cp_size
-    hq, hkv = q.shape[2], k.shape[2]
-    check_a2a_heads(hq, hkv, cp)
-    if hkv % cp:  # fewer KV heads than ranks: each rank gets a copy of the one its queries use
-        k, v = k.repeat_interleave(cp // hkv, dim=2), v.repeat_interleave(cp // hkv, dim=2)
+    check_a2a_heads(q.shape[2], k.shape[2], layout.cp_size)
+    k, v = replicate_kv_heads(k, v, layout.cp_size)
     natural = layout.natural_from_gathered.to(q.device)
-    q, k, v = (_SequenceToHeads.apply(x, group).index_select(1, natural) for x in (q, k, v))
+    q, k, v = (SequenceToHeads.apply(x, group).index_select(1, natural) for x in (q, k, v))
     cu = None
     if len(layout.doc_lengths) > 1:
         bounds = [0]
@@ -77,4 +82,4 @@ def a2a_attention(q, k, v, layout: ZigzagLayout, group, *, lucid: bool, eps: flo
     else:
         out = softmax_attention(q, k, v, cu_seqlens=cu, softmax_scale=scale)
     out = out.index_select(1, layout.gathered_from_natural.to(q.device))
-    return _HeadsToSequence.apply(out, group)
+    return HeadsToSequence.apply(out, group)

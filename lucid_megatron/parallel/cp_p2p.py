@@ -1,17 +1,21 @@
 """Sequence-pipelined context parallelism (``cp_comm_type="p2p"``) for LUCID and softmax.
 
-The sequence stays sharded in the zigzag layout.  Every document's ``2 * cp`` chunks (each optionally cut
-into ``sub_chunks`` pipeline units) are solved in causal order: the owner of unit ``t`` finishes
-``V'_t = L_tt^{-1} (V_t - sum_{u<t} L_tu V'_u)`` and broadcasts it; every rank then subtracts
-``L_jt V'_t`` from the accumulators of its own later units.  The update of the *next* unit is done first
-and the next broadcast is posted before the remaining updates, so communication overlaps computation.
-Normalised keys are all-gathered up front (they have no dependency).  The softmax part attends from the
-local chunks to the all-gathered keys and the (by then complete) V', a non-causal prefix and a causal
-diagonal chunk merged by log-sum-exp.  The backward runs the same pipeline in reverse for ``dV = L^{-T} G``
-and reduce-scatters the key/value gradients that land on other ranks' chunks.
+The sequence stays sharded in the zigzag layout and every transfer is point-to-point or a broadcast of one
+block; no rank ever holds another rank's whole shard of ``Kn`` or ``V'`` for long, nor the whole sequence.
 
-Per rank this holds O(N d) of gathered keys and values (N: the whole sequence), which GQA keeps small;
-see docs/context-parallel.md for communication volume and critical path.
+* The solve.  Every document's ``2 * cp`` chunks (each optionally cut into ``sub_chunks`` pipeline units)
+  are solved in causal order: the owner of unit ``t`` finishes ``V'_t = L_tt^{-1} (V_t - sum_{u<t} L_tu
+  V'_u)`` and broadcasts ``(Kn_t, V'_t)``; every rank subtracts ``L_jt V'_t`` from the accumulators of its
+  own later units and drops the block.  The update of the *next* unit is done first and the next broadcast
+  is posted before the remaining updates, so communication overlaps computation.
+* The softmax part is ring attention: each rank's ``(K, V')`` shard travels round the CP ring (the next
+  shard in flight while the current one is used); the local query chunks attend to the earlier chunks of
+  each shard (a non-causal block) and to their own chunk (a causal diagonal), merged by log-sum-exp.
+* The backward passes ``(K, V')`` round the ring again, the key/value gradients of each shard travelling
+  with it back to its owner, then runs the pipeline in reverse for ``dV = L^{-T} dV'`` (broadcasting
+  ``(Kn_t, dV_t)``) and reduce-scatters the row side of ``dKn``.
+
+docs/context-parallel.md has the communication volume and the critical path.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ from lucid_megatron.ops.blockwise import DEFAULT_BLOCK_COLS, compute_dtype, rms_
 from lucid_megatron.ops.flash_blocks import attention_backward, attention_with_lse, merge
 from lucid_megatron.ops.solver import Solver, make_solver
 
-from .context import ZigzagLayout, all_gather, broadcast_async, reduce_scatter
-
+from .context import RingPass, ZigzagLayout, broadcast_async, reduce_scatter
 
 class _Units:
     """Pipeline units: chunk ``k`` of every document, cut into ``s`` sub-chunks, in causal order."""
@@ -53,113 +56,106 @@ class _Units:
         """Unit ``t``'s pieces of a local [G, T, X] tensor, concatenated along T."""
         return torch.cat([tensor[:, a:b] for _, a, b in self.pieces[t]], dim=1)
 
-    def unpack(self, buffer: torch.Tensor, tensor: torch.Tensor, t: int) -> None:
-        offset = 0
-        for _, a, b in self.pieces[t]:
-            tensor[:, a:b] = buffer[:, offset : offset + b - a]
-            offset += b - a
+    def split(self, buffer: torch.Tensor, t: int) -> list[torch.Tensor]:
+        """The per-document pieces of a packed (``pack``) buffer of unit ``t``."""
+        return list(buffer.split([b - a for _, a, b in self.pieces[t]], dim=1))
 
     def size(self, t: int) -> int:
         return sum(b - a for _, a, b in self.pieces[t])
 
 
-def _pipeline_forward(kn_all, v_local, units: _Units, group, solver: Solver):
-    """V' of every rank's chunks (list by rank, local layout) by the broadcast pipeline."""
-    layout, me = units.layout, units.layout.cp_rank
-    g, _, dv = v_local.shape
-    dtype = kn_all[0].dtype
-    device = v_local.device
-    vp_all = [torch.empty(g, layout.local_length, dv, dtype=dtype, device=device) for _ in range(layout.cp_size)]
-    acc = v_local.to(dtype, copy=True)  # my units' accumulators, in place in the local layout
+def _broadcast_unit(units: _Units, t: int, mine: list[torch.Tensor], group):
+    """Post the broadcast of unit ``t``'s ``mine`` tensors (packed along the last dim) from its owner;
+    returns a function that waits and gives each tensor's per-document pieces."""
+    widths = [x.shape[-1] for x in mine]
+    if units.owner(t) == units.layout.cp_rank:
+        buffer = torch.cat([units.pack(x, t) for x in mine], dim=-1)
+    else:
+        first = mine[0]
+        buffer = torch.empty(first.shape[0], units.size(t), sum(widths), dtype=first.dtype, device=first.device)
+    handle = broadcast_async(buffer, units.owner(t), group)
+
+    def received() -> list[list[torch.Tensor]]:
+        handle.wait()
+        return [units.split(x, t) for x in buffer.split(widths, dim=-1)]
+
+    return received
+
+
+def _pipeline_forward(kn, v_local, units: _Units, group, solver: Solver) -> torch.Tensor:
+    """This rank's V' (local layout, compute dtype) by the broadcast pipeline."""
+    me = units.layout.cp_rank
+    acc = v_local.to(kn.dtype, copy=True)  # my units' accumulators, in place in the local layout
+    vp = torch.empty_like(acc)
     mine = units.mine()
 
-    def update(j: int, t: int) -> None:  # acc_j -= L[j, t] V'_t, document by document
-        src = units.owner(t)
-        for (d, a, b), (_, c0, c1) in zip(units.pieces[j], units.pieces[t]):
-            if c1 > c0 and b > a:
-                solver.subtract_earlier(acc[:, a:b], kn_all[me][:, a:b], kn_all[src][:, c0:c1], vp_all[src][:, c0:c1])
+    def update(j: int, kn_t, vp_t) -> None:  # acc_j -= L[j, t] V'_t, document by document
+        for (_, a, b), kt, vt in zip(units.pieces[j], kn_t, vp_t):
+            if kt.shape[1] and b > a:
+                solver.subtract_earlier(acc[:, a:b], kn[:, a:b], kt, vt)
 
     def solve(t: int) -> None:
         for _, a, b in units.pieces[t]:
             if b > a:
-                vp_all[me][:, a:b] = solver.solve(kn_all[me][:, a:b], acc[:, a:b], [(0, b - a)])
-
-    def post(t: int):
-        src = units.owner(t)
-        buf = units.pack(vp_all[me], t) if src == me else torch.empty(g, units.size(t), dv, dtype=dtype, device=device)
-        return buf, broadcast_async(buf, src, group)
+                vp[:, a:b] = solver.solve(kn[:, a:b], acc[:, a:b], [(0, b - a)])
 
     if units.owner(0) == me:
         solve(0)
-    pending = post(0)
+    pending = _broadcast_unit(units, 0, [kn, vp], group)
     for t in range(units.count):
-        buf, handle = pending
-        handle.wait()
-        if units.owner(t) != me:
-            units.unpack(buf, vp_all[units.owner(t)], t)
+        kn_t, vp_t = pending()
         nxt = t + 1
         if nxt < units.count:
             if units.owner(nxt) == me:  # the critical path: finish the next unit first
-                update(nxt, t)
+                update(nxt, kn_t, vp_t)
                 solve(nxt)
-            pending = post(nxt)
+            pending = _broadcast_unit(units, nxt, [kn, vp], group)
         for j in mine:
             if j > nxt:
-                update(j, t)
-    return vp_all
+                update(j, kn_t, vp_t)
+    return vp
 
 
-def _pipeline_backward(kn_all, vp_all, grad_local, units: _Units, group, solver: Solver):
+def _pipeline_backward(kn, vp, grad_local, units: _Units, group, solver: Solver):
     """dV (local) and dKn (local, all contributions) of V' = L^{-1} V, by the reverse pipeline."""
     layout, me = units.layout, units.layout.cp_rank
-    g, n_local, dv = grad_local.shape
-    dtype = kn_all[0].dtype
-    acc = grad_local.to(dtype, copy=True)
-    device = grad_local.device
-    grad_v_all = [torch.zeros(g, n_local, dv, dtype=dtype, device=device) for _ in range(layout.cp_size)]
-    grad_kn = torch.zeros_like(kn_all[me])
-    row_side = [torch.zeros_like(kn_all[me]) for _ in range(layout.cp_size)]  # dKn owed to other ranks
+    acc = grad_local.to(kn.dtype, copy=True)
+    grad_v = torch.zeros_like(acc)
+    grad_kn = torch.zeros_like(kn)
+    row_side = [torch.zeros_like(kn) for _ in range(layout.cp_size)]  # dKn owed to other ranks
     mine = units.mine()
 
-    def update(i: int, t: int) -> None:  # rows: unit t (later), columns: my unit i
-        src = units.owner(t)
-        for (d, a, b), (_, r0, r1) in zip(units.pieces[i], units.pieces[t]):
+    def update(i: int, t: int, kn_t, gv_t) -> None:  # rows: unit t (later), columns: my unit i
+        rows = row_side[units.owner(t)]
+        for (_, a, b), (_, r0, r1), kt, gt in zip(units.pieces[i], units.pieces[t], kn_t, gv_t):
             if r1 > r0 and b > a:
-                solver.backward_earlier(kn_all[src][:, r0:r1], grad_v_all[src][:, r0:r1], kn_all[me][:, a:b],
-                                        vp_all[me][:, a:b], acc[:, a:b], grad_kn[:, a:b], row_side[src][:, r0:r1])
+                solver.backward_earlier(kt, gt, kn[:, a:b], vp[:, a:b], acc[:, a:b], grad_kn[:, a:b],
+                                        rows[:, r0:r1])
 
     def solve(t: int) -> None:
         for _, a, b in units.pieces[t]:
             if b > a:
-                gv, gk = solver.solve_backward(kn_all[me][:, a:b], vp_all[me][:, a:b], acc[:, a:b], [(0, b - a)])
-                grad_v_all[me][:, a:b] = gv
+                gv, gk = solver.solve_backward(kn[:, a:b], vp[:, a:b], acc[:, a:b], [(0, b - a)])
+                grad_v[:, a:b] = gv
                 grad_kn[:, a:b] += gk
-
-    def post(t: int):
-        src = units.owner(t)
-        buf = units.pack(grad_v_all[me], t) if src == me else torch.empty(g, units.size(t), dv, dtype=dtype, device=device)
-        return buf, broadcast_async(buf, src, group)
 
     last = units.count - 1
     if units.owner(last) == me:
         solve(last)
-    pending = post(last)
+    pending = _broadcast_unit(units, last, [kn, grad_v], group)
     for t in reversed(range(units.count)):
-        buf, handle = pending
-        handle.wait()
-        if units.owner(t) != me:
-            units.unpack(buf, grad_v_all[units.owner(t)], t)
+        kn_t, gv_t = pending()
         prv = t - 1
         if prv >= 0:
             if units.owner(prv) == me:
-                update(prv, t)
+                update(prv, t, kn_t, gv_t)
                 solve(prv)
-            pending = post(prv)
+            pending = _broadcast_unit(units, prv, [kn, grad_v], group)
         for i in mine:
             if i < prv:
-                update(i, t)
+                update(i, t, kn_t, gv_t)
     grad_kn += reduce_scatter(row_side, group)
-    return grad_v_all[me], grad_kn
+    return grad_v, grad_kn
 
 
 def _query_pieces(layout: ZigzagLayout):
@@ -170,13 +166,17 @@ def _query_pieces(layout: ZigzagLayout):
             yield d, chunk, start, end
 
 
-def _keys_before(tensors_by_rank, layout: ZigzagLayout, doc: int, chunk: int):
-    """Chunks 0..chunk-1 of a document, in natural order, from the gathered per-rank tensors [B, H, T, X]."""
-    parts = []
-    for k in range(chunk):
-        owner, start, end = layout.piece(doc, k)
-        parts.append(tensors_by_rank[owner][:, :, start:end])
-    return torch.cat(parts, dim=2) if parts else None
+def _blocks(layout: ZigzagLayout, src: int):
+    """What each local query piece attends to in rank ``src``'s shard: (start, end) of the piece, the
+    (start, end) ranges in ``src``'s local tensor of the chunks before it (a non-causal block), and whether
+    the shard holds the piece itself (the causal diagonal: ``src`` is this rank)."""
+    for d, chunk, start, end in _query_pieces(layout):
+        earlier = [layout.piece(d, kc)[1:] for kc in layout.my_chunks(src) if kc < chunk]
+        yield start, end, earlier, src == layout.cp_rank
+
+
+def _take(x: torch.Tensor, ranges) -> torch.Tensor:
+    return torch.cat([x[:, :, a:b] for a, b in ranges], dim=2)
 
 
 def _fold(q: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -190,46 +190,111 @@ def _unfold(x: torch.Tensor, hq: int) -> torch.Tensor:
     return x.reshape(b, hq, gn * hkv // hq, *x.shape[3:])
 
 
+def _ring_forward(q, keys, values, layout: ZigzagLayout, group, scale: float):
+    """Causal attention of the local queries q [B, Hq, T, D] over the whole sequence, the key/value shards
+    [B, Hkv, T, X] passed round the ring.  Returns (out, lse), out in float32 (float64 for float64)."""
+    b, hq, n, _ = q.shape
+    hkv = keys.shape[1]
+    size, me = layout.cp_size, layout.cp_rank
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(b, hq, n, values.shape[-1], dtype=acc_dtype, device=q.device)
+    lse = torch.full((b, hq, n), float("-inf"), dtype=acc_dtype, device=q.device)
+    shard = [keys, values]
+    for step in range(size):
+        in_flight = RingPass(shard, group) if step + 1 < size else None
+        k_s, v_s = shard
+        for start, end, earlier, diagonal in _blocks(layout, (me - step) % size):
+            qp, parts = q[:, :, start:end], [(out[:, :, start:end], lse[:, :, start:end])]
+            if diagonal:  # step 0: every query sees itself, so the running log-sum-exp is finite from here
+                group_size = hq // hkv
+                o, l, _ = attention_with_lse(qp, k_s[:, :, start:end].repeat_interleave(group_size, 1),
+                                             v_s[:, :, start:end].repeat_interleave(group_size, 1),
+                                             causal=True, scale=scale)
+                parts.append((o, l))
+            if earlier:
+                o, l, _ = attention_with_lse(_fold(qp, hkv), _take(k_s, earlier), _take(v_s, earlier),
+                                             causal=False, scale=scale)
+                parts.append((_unfold(o, hq), _unfold(l, hq)))
+            if len(parts) > 1:
+                out[:, :, start:end], lse[:, :, start:end] = merge(parts)
+        if in_flight is not None:
+            shard = in_flight.wait()
+    return out, lse
+
+
+def _ring_backward(grad_out, q, keys, values, out, lse, layout: ZigzagLayout, group, scale: float):
+    """Gradients of ``_ring_forward`` given its merged out/lse: dq [B, Hq, T, D] and this rank's dK, dV
+    [B, Hkv, T, X] (float32, float64 for float64).  A shard's key/value gradients accumulate as it travels
+    and go back to its owner on the last hop."""
+    b, hq, n, _ = q.shape
+    hkv = keys.shape[1]
+    group_size = hq // hkv
+    size, me = layout.cp_size, layout.cp_rank
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grad_q = torch.zeros(b, hq, n, q.shape[-1], dtype=acc_dtype, device=q.device)
+    shard, grads_in_flight, own = [keys, values], None, None
+    for step in range(size):
+        in_flight = RingPass(shard, group) if step + 1 < size else None
+        k_s, v_s = shard
+        grad_k = torch.zeros(k_s.shape, dtype=acc_dtype, device=q.device)
+        grad_v = torch.zeros(v_s.shape, dtype=acc_dtype, device=q.device)
+        for start, end, earlier, diagonal in _blocks(layout, (me - step) % size):
+            qp, gp, op, lp = q[:, :, start:end], grad_out[:, :, start:end], out[:, :, start:end], lse[:, :, start:end]
+            if diagonal:
+                dq, dk, dv = attention_backward(gp, qp, k_s[:, :, start:end].repeat_interleave(group_size, 1),
+                                                v_s[:, :, start:end].repeat_interleave(group_size, 1), op, lp, None,
+                                                causal=True, scale=scale)
+                grad_q[:, :, start:end] += dq
+                grad_k[:, :, start:end] += dk.reshape(b, hkv, group_size, end - start, -1).sum(2)
+                grad_v[:, :, start:end] += dv.reshape(b, hkv, group_size, end - start, -1).sum(2)
+            if earlier:
+                dq, dk, dv = attention_backward(_fold(gp, hkv), _fold(qp, hkv), _take(k_s, earlier),
+                                                _take(v_s, earlier), _fold(op, hkv),
+                                                _fold(lp[..., None], hkv)[..., 0], None, causal=False, scale=scale)
+                grad_q[:, :, start:end] += _unfold(dq, hq)
+                offset = 0
+                for a, z in earlier:
+                    grad_k[:, :, a:z] += dk[:, :, offset : offset + z - a]
+                    grad_v[:, :, a:z] += dv[:, :, offset : offset + z - a]
+                    offset += z - a
+        if step == 0:
+            own = [grad_k, grad_v]  # this rank's shard: its gradients so far stay here
+        else:
+            if grads_in_flight is not None:  # what earlier ranks accumulated for this shard
+                got_k, got_v = grads_in_flight.wait()
+                grad_k += got_k
+                grad_v += got_v
+            grads_in_flight = RingPass([grad_k, grad_v], group)
+        if in_flight is not None:
+            shard = in_flight.wait()
+    if grads_in_flight is not None:  # the last hop brings this rank's own shard home
+        got_k, got_v = grads_in_flight.wait()
+        own[0] += got_k
+        own[1] += got_v
+    return grad_q, own[0], own[1]
+
+
 class P2PAttention(torch.autograd.Function):
     """Inputs in the zigzag layout: q [B, T, Hq, D], k [B, T, Hkv, D], kn (normalised k, compute dtype,
     or None for softmax), v [B, T, Hkv, Dv].  Output o [B, T, Hq, Dv]."""
 
     @staticmethod
     def forward(ctx, q, k, kn, v, layout, group, scale, sub_chunks, solver):
-        b, n, hq, _ = q.shape
+        b, n, _, _ = q.shape
         hkv = k.shape[2]
         units = _Units(layout, sub_chunks)
-        grouped = lambda x: x.transpose(1, 2).reshape(b * hkv, n, x.shape[-1])  # noqa: E731
         lucid = kn is not None
+        saved = []
         if lucid:
-            kn_all = all_gather(grouped(kn), group)
-            vp_all = _pipeline_forward(kn_all, grouped(v), units, group, solver)
-            values = [x.reshape(b, hkv, n, -1).to(v.dtype) for x in vp_all]
+            kn_grouped = kn.transpose(1, 2).reshape(b * hkv, n, -1)
+            vp = _pipeline_forward(kn_grouped, v.transpose(1, 2).reshape(b * hkv, n, -1), units, group, solver)
+            saved = [kn_grouped, vp]
+            values = vp.reshape(b, hkv, n, -1).to(v.dtype)
         else:
-            values = [x.transpose(1, 2) for x in all_gather(v, group)]
-        keys = [x.transpose(1, 2) for x in all_gather(k, group)]
-        me = layout.cp_rank
-        qh = q.transpose(1, 2)
-        out = torch.empty(b, hq, n, v.shape[-1], dtype=v.dtype, device=q.device)
-        lse = torch.empty(b, hq, n, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                          device=q.device)
-        for d, chunk, start, end in _query_pieces(layout):
-            qp = qh[:, :, start:end]
-            parts = []
-            prefix_k = _keys_before(keys, layout, d, chunk)
-            if prefix_k is not None:
-                o, l, _ = attention_with_lse(_fold(qp, hkv), prefix_k, _keys_before(values, layout, d, chunk),
-                                             causal=False, scale=scale)
-                parts.append((_unfold(o, hq), _unfold(l, hq)))
-            group_size = hq // hkv
-            o, l, _ = attention_with_lse(qp, keys[me][:, :, start:end].repeat_interleave(group_size, 1),
-                                         values[me][:, :, start:end].repeat_interleave(group_size, 1),
-                                         causal=True, scale=scale)
-            parts.append((o, l))
-            merged, merged_lse = merge(parts)
-            out[:, :, start:end] = merged.to(out.dtype)
-            lse[:, :, start:end] = merged_lse
-        ctx.save_for_backward(q, k, v, out, lse, *( [grouped(kn), vp_all[me]] if lucid else []))
+            values = v.transpose(1, 2).contiguous()
+        out, lse = _ring_forward(q.transpose(1, 2), k.transpose(1, 2).contiguous(), values, layout, group, scale)
+        out = out.to(v.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, *saved)
         ctx.layout, ctx.group, ctx.scale, ctx.units, ctx.lucid, ctx.solver = (
             layout, group, scale, units, lucid, solver)
         return out.transpose(1, 2).contiguous()
@@ -237,56 +302,24 @@ class P2PAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, *lucid_saved = ctx.saved_tensors
-        layout, group, scale, units = ctx.layout, ctx.group, ctx.scale, ctx.units
-        b, n, hq, _ = q.shape
+        b, n, _, _ = q.shape
         hkv = k.shape[2]
-        group_size = hq // hkv
-        me = layout.cp_rank
-        keys = [x.transpose(1, 2) for x in all_gather(k, group)]
         if ctx.lucid:
-            kn_local, vp_local = lucid_saved
-            kn_all = all_gather(kn_local, group)
-            vp_all = all_gather(vp_local, group)
-            values = [x.reshape(b, hkv, n, -1).to(v.dtype) for x in vp_all]
+            kn_grouped, vp = lucid_saved
+            values = vp.reshape(b, hkv, n, -1).to(v.dtype)
         else:
-            values = [x.transpose(1, 2) for x in all_gather(v, group)]
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        zeros = lambda *shape: torch.zeros(*shape, dtype=acc_dtype, device=q.device)  # noqa: E731
-        grad_q = zeros(b, hq, n, q.shape[-1])
-        grad_keys = [zeros(b, hkv, n, k.shape[-1]) for _ in range(layout.cp_size)]
-        grad_values = [zeros(b, hkv, n, v.shape[-1]) for _ in range(layout.cp_size)]
-        qh, go = q.transpose(1, 2), grad_out.transpose(1, 2)
-        for d, chunk, start, end in _query_pieces(layout):
-            qp, gp, op, lp = qh[:, :, start:end], go[:, :, start:end], out[:, :, start:end], lse[:, :, start:end]
-            prefix_k = _keys_before(keys, layout, d, chunk)
-            if prefix_k is not None:
-                dq, dk, dv = attention_backward(
-                    _fold(gp, hkv), _fold(qp, hkv), prefix_k, _keys_before(values, layout, d, chunk),
-                    _fold(op, hkv), _fold(lp[..., None], hkv)[..., 0], None, causal=False, scale=scale)
-                grad_q[:, :, start:end] += _unfold(dq, hq)
-                offset = 0
-                for k_chunk in range(chunk):
-                    owner, s0, s1 = layout.piece(d, k_chunk)
-                    grad_keys[owner][:, :, s0:s1] += dk[:, :, offset : offset + s1 - s0]
-                    grad_values[owner][:, :, s0:s1] += dv[:, :, offset : offset + s1 - s0]
-                    offset += s1 - s0
-            dq, dk, dv = attention_backward(
-                gp, qp, keys[me][:, :, start:end].repeat_interleave(group_size, 1),
-                values[me][:, :, start:end].repeat_interleave(group_size, 1), op, lp, None, causal=True,
-                scale=scale)
-            grad_q[:, :, start:end] += dq
-            grad_keys[me][:, :, start:end] += dk.reshape(b, hkv, group_size, end - start, -1).sum(2)
-            grad_values[me][:, :, start:end] += dv.reshape(b, hkv, group_size, end - start, -1).sum(2)
-        grad_k = reduce_scatter(grad_keys, group)
-        grad_vp = reduce_scatter(grad_values, group)  # dLoss/dV' (or dV for softmax), [B, Hkv, T, Dv]
+            values = v.transpose(1, 2).contiguous()
+        grad_q, grad_k, grad_values = _ring_backward(
+            grad_out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2).contiguous(), values, out, lse,
+            ctx.layout, ctx.group, ctx.scale)
         grad_kn = None
-        if ctx.lucid:
-            gv, gkn = _pipeline_backward(kn_all, vp_all, grad_vp.reshape(b * hkv, n, -1), units, group,
-                                         ctx.solver)
-            grad_vp = gv.reshape(b, hkv, n, -1)
+        if ctx.lucid:  # grad_values is dLoss/dV'; the reverse pipeline turns it into dV (and dKn)
+            gv, gkn = _pipeline_backward(kn_grouped, vp, grad_values.reshape(b * hkv, n, -1), ctx.units,
+                                         ctx.group, ctx.solver)
+            grad_values = gv.reshape(b, hkv, n, -1)
             grad_kn = gkn.reshape(b, hkv, n, -1).transpose(1, 2)
         return (grad_q.transpose(1, 2).to(q.dtype), grad_k.transpose(1, 2).to(k.dtype), grad_kn,
-                grad_vp.transpose(1, 2).to(v.dtype), None, None, None, None, None)
+                grad_values.transpose(1, 2).to(v.dtype), None, None, None, None, None)
 
 
 def p2p_attention(q, k, v, layout: ZigzagLayout, group, *, lucid: bool, eps: float, scale: float,

@@ -154,8 +154,8 @@ class CollectiveTimeout(RuntimeError):
 
 
 def start_runtime(tensor_parallel: int = 1, context_parallel: int = 1, *, sequence_parallel: bool = False,
-                  seed: int = 1234, device: torch.device | None = None,
-                  collective_timeout_s: float = 600.0) -> Runtime:
+                  hierarchical_context_parallel_sizes: list[int] | None = None, seed: int = 1234,
+                  device: torch.device | None = None, collective_timeout_s: float = 600.0) -> Runtime:
     """Process groups (NCCL on GPU, gloo on CPU), Megatron's TP/CP/DP groups, seeds, and the device.
 
     ``device`` defaults to :func:`default_device`; the current CUDA device is set to it before any
@@ -164,7 +164,8 @@ def start_runtime(tensor_parallel: int = 1, context_parallel: int = 1, *, sequen
     device = default_device() if device is None else torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    initialize_parallel(tensor_parallel, context_parallel, seed=seed, timeout_minutes=collective_timeout_s / 60)
+    initialize_parallel(tensor_parallel, context_parallel, seed=seed, timeout_minutes=collective_timeout_s / 60,
+                        hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes)
     return Runtime(device, tensor_parallel, context_parallel, sequence_parallel, collective_timeout_s)
 
 

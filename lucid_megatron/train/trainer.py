@@ -121,6 +121,7 @@ class Trainer:
         self.layout = check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.runtime = start_runtime(self.layout.tensor_parallel, self.layout.context_parallel,
                                      sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed,
+                                     hierarchical_context_parallel_sizes=cfg.parallel.hierarchical_context_parallel_sizes,
                                      collective_timeout_s=cfg.train.collective_timeout_s)
         if self.owns_preemption:
             self.preemption = PreemptionFlag()

@@ -1,5 +1,7 @@
 """Layer specs, layer patterns, Megatron's --spec convention, the softmax baseline, bad layouts."""
 
+import dataclasses
+
 import pytest
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -140,5 +142,16 @@ def test_core_attention_refuses_what_it_cannot_honour():
             SoftmaxCoreAttention(tc, 1, AttnMaskType.causal, "self", attention_dropout=0.1)
         with pytest.raises(ValueError, match="attn_mask_type=padding"):
             LucidCoreAttention(tc, 1, AttnMaskType.padding, "self")
+        # a2a+p2p built straight from a TransformerConfig (no lucid config check in front of it)
+        two_level = dict(cp_comm_type="a2a+p2p", context_parallel_size=4)
+        with pytest.raises(ValueError, match=r"needs hierarchical_context_parallel_sizes \[a2a group size, number "
+                                             r"of groups\] multiplying to context_parallel_size \(4\), got \[3, 2\]"):
+            LucidCoreAttention(dataclasses.replace(tc, **two_level, hierarchical_context_parallel_sizes=[3, 2]), 1,
+                               AttnMaskType.causal, "self")
+        with pytest.raises(ValueError, match=r"heads per TP rank \(4\) must be divisible by the a2a group size, "
+                                             r"hierarchical_context_parallel_sizes\[0\] \(3\)"):
+            SoftmaxCoreAttention(dataclasses.replace(tc, cp_comm_type="a2a+p2p", context_parallel_size=6,
+                                                     hierarchical_context_parallel_sizes=[3, 2]), 1,
+                                 AttnMaskType.causal, "self")
         out = attn(q, kv, kv, None)
     assert out.shape == (8, 1, 64)

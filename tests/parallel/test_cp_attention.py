@@ -1,4 +1,4 @@
-"""Context-parallel LUCID/softmax attention (2 gloo ranks) equals the single-process operator."""
+"""Context-parallel LUCID/softmax attention (2 gloo ranks; 4 for a2a+p2p) equals the single-process operator."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from lucid_megatron.ops import lucid_attention, softmax_attention
 from tests.distributed import run_on_ranks
 
-from .cp_workers import cp_attention_rank, full_inputs
+from .cp_workers import cp_attention_rank, cp_hybrid_rank, full_inputs
 
 
 def _reference(lucid, batch, doc_lengths, hq, hkv, d, dv, dtype):
@@ -67,3 +67,25 @@ def test_cp2_through_the_triton_solver(mode, sub_chunks):
         got = _assemble(results, name).double()
         err = ((got - want[name]).abs().max() / want[name].abs().max()).item()
         assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+# Documents padded for CP = 4 (multiples of 8), each longer than a chunk of the 2 x 4 zigzag.
+CP4_CASES = {
+    "packed-gqa": (1, [48, 24, 40], 4, 2, 16, 16),
+    "sbhd-batch2": (2, [56], 4, 2, 16, 16),
+    "one-kv-head": (1, [32, 40], 4, 1, 8, 12),  # replicated to the 2 ranks of the a2a group
+}
+
+
+def test_a2a_p2p_at_cp4_as_2x2_equals_single_process():
+    """Heads all-to-all inside pairs of ranks, the pipelined solve across the two pairs (4 gloo processes):
+    LUCID with 1 and 2 pipeline units per chunk, and softmax."""
+    variants = [(True, 1), (True, 2), (False, 1)]
+    results = run_on_ranks(cp_hybrid_rank, 4, 2, variants, list(CP4_CASES.values()), torch.float64)
+    for v, (lucid, sub_chunks) in enumerate(variants):
+        for c, (case, (batch, docs, hq, hkv, d, dv)) in enumerate(CP4_CASES.items()):
+            want = _reference(lucid, batch, docs, hq, hkv, d, dv, torch.float64)
+            for name in ("out", "dq", "dk", "dv"):
+                got = _assemble([results[r][v * len(CP4_CASES) + c] for r in range(4)], name)
+                err = ((got - want[name]).abs().max() / want[name].abs().max()).item()
+                assert err < 1e-10, f"lucid={lucid} sub_chunks={sub_chunks} {case} {name}: relative error {err:.2e}"

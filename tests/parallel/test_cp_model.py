@@ -39,3 +39,14 @@ def test_p2p_with_fewer_kv_heads_than_ranks(cp1):
 def test_cp2_tp2_model_equals_cp1(cp1, mode):
     """4 processes: CP=2 x TP=2 with sequence parallelism (about 12 s each on 2 cores)."""
     _compare(run_on_ranks(cp_model_rank, 4, mode, 2, MIXED, DOCS, timeout=900)[0], cp1)
+
+
+def test_cp4_a2a_p2p_as_2x2_model_equals_cp1(cp1):
+    """4 processes: CP=4 as 2 a2a pairs x 2 pipeline stages (Megatron's hierarchical CP groups)."""
+    _compare(run_on_ranks(cp_model_rank, 4, "a2a+p2p", 1, MIXED, DOCS, timeout=900)[0], cp1)
+
+
+def test_cp4_a2a_p2p_as_2x2_with_tp2_model_equals_cp1(cp1):
+    """8 processes: TP=2 (sequence parallel; 2 query heads and 1 KV head per TP rank, so the a2a pairs
+    replicate it) x CP=4 as [2, 2] (about 45 s on 2 cores)."""
+    _compare(run_on_ranks(cp_model_rank, 8, "a2a+p2p", 2, MIXED, DOCS, timeout=1200)[0], cp1)

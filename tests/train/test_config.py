@@ -107,10 +107,11 @@ def test_missing_config_file():
 
 def test_context_parallel_that_cannot_be_honoured_is_refused():
     # demo: 2 heads, 2 KV heads
-    with pytest.raises(ConfigError, match=r"cp_comm_type='a2a' splits heads over context-parallel ranks: the attention "
-                                          r"heads per TP rank \(2\) must be divisible by context_parallel_size \(3\)"):
+    with pytest.raises(ConfigError, match=r"cp_comm_type='a2a' splits heads over an all-to-all group: the attention "
+                                          r"heads per TP rank \(2\) must be divisible by context_parallel_size \(3\)"
+                                          r".*use cp_comm_type='p2p', or 'a2a\+p2p'"):
         load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.context_parallel_size=3", "parallel.cp_comm_type=a2a"])
-    with pytest.raises(ConfigError, match=r"cp_comm_type: 'ring' is not allowed; allowed: 'a2a', 'p2p'"):
+    with pytest.raises(ConfigError, match=r"cp_comm_type: 'ring' is not allowed; allowed: 'a2a', 'p2p', 'a2a\+p2p'"):
         load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.cp_comm_type=ring"])
     # p2p needs no head split: 3 context-parallel ranks are fine, and the world must hold them
     cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.context_parallel_size=3"])
@@ -118,6 +119,34 @@ def test_context_parallel_that_cannot_be_honoured_is_refused():
                                           r"context_parallel_size \(1 x 3\)"):
         check_layout(cfg, 2)
     assert check_layout(cfg, 3).data_parallel == 1
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["parallel.hierarchical_context_parallel_sizes=[2, 2]"],
+     r"hierarchical_context_parallel_sizes: \[2, 2\] is only used with cp_comm_type='a2a\+p2p' \(got "
+     r"cp_comm_type='p2p'\)"),
+    ([], r"hierarchical_context_parallel_sizes: cp_comm_type='a2a\+p2p' needs \[a2a group size, number of groups\]"),
+    (["parallel.hierarchical_context_parallel_sizes=[2, 3]"],
+     r"\[2, 3\] multiplies to 6, not context_parallel_size \(4\)"),
+    (["parallel.hierarchical_context_parallel_sizes=[1, 4]"], r"a level of size 1.*use cp_comm_type='p2p'"),
+    (["parallel.hierarchical_context_parallel_sizes=[4, 1]"], r"a level of size 1.*use cp_comm_type='a2a'"),
+    (["parallel.context_parallel_size=8", "parallel.hierarchical_context_parallel_sizes=[4, 2]"],
+     r"cp_comm_type='a2a\+p2p' splits heads over an all-to-all group: the attention heads per TP rank \(2\) must be "
+     r"divisible by the a2a group size, hierarchical_context_parallel_sizes\[0\] \(4\).*use a smaller a2a group"),
+])
+def test_a_hierarchical_layout_that_cannot_work_is_refused(overrides, match):
+    base = ["parallel.context_parallel_size=4"]
+    if "parallel.hierarchical_context_parallel_sizes=[2, 2]" not in overrides:
+        base.append("parallel.cp_comm_type=a2a+p2p")
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(CONFIG_DIR / "demo.yaml", base + overrides)
+
+
+def test_a_hierarchical_layout_that_works_is_accepted():
+    cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.context_parallel_size=4",
+                                                        "parallel.cp_comm_type=a2a+p2p",
+                                                        "parallel.hierarchical_context_parallel_sizes=[2, 2]"])
+    assert cfg.parallel.a2a_group_size == 2 and check_layout(cfg, 8).data_parallel == 2
 
 
 # ---- hostile and broken config files -------------------------------------------------------------

@@ -74,6 +74,16 @@ def test_cp2_reproduces_cp1(config, reference_run, tmp_path, mode):
     _assert_close(_losses(run_dir), _losses(reference_run), 2e-5)
 
 
+def test_context_parallel_4_as_2x2_a2a_p2p_matches_the_reference_curve(config, reference_run, tmp_path):
+    """CP=4 across 4 processes as 2 head all-to-all pairs x 2 pipeline stages, ZeRO-1: the same loss curve."""
+    run_dir = tmp_path / "run"
+    result = run_train(config, run_dir, nproc=4, timeout=900, overrides=[
+        "train.steps=6", "parallel.context_parallel_size=4", "parallel.cp_comm_type=a2a+p2p",
+        "parallel.hierarchical_context_parallel_sizes=[2, 2]", "train.zero_stage=1"])
+    assert "DP 1 x CP 4 x TP 1" in result.stdout
+    _assert_close(_losses(run_dir), _losses(reference_run), 2e-5)
+
+
 # ---- resume, preemption, kills ------------------------------------------------------------------
 
 
