@@ -10,9 +10,11 @@ import io
 import os
 import queue
 import socket
+import sys
 import traceback
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -37,9 +39,10 @@ def _worker(fn, rank, world_size, port, args, results):
     except BaseException:  # report, never hang the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
-        from lucid_megatron.parallel.state import destroy_parallel
-
-        destroy_parallel()
+        if "lucid_megatron.parallel.state" in sys.modules:  # Megatron's groups too
+            sys.modules["lucid_megatron.parallel.state"].destroy_parallel()
+        elif dist.is_initialized():  # a plain process group: no need to import Megatron (seconds per rank)
+            dist.destroy_process_group()
 
 
 def decode_result(value: bytes):
