@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
@@ -142,8 +143,18 @@ def test_sigkill_during_save_keeps_previous_checkpoint(config, tmp_path):
     while not partial.exists() and time.monotonic() < deadline:
         time.sleep(0.002)
     assert partial.exists(), "the save of step 4 never started"
+    # The whole job: torchrun starts each worker in a session of its own, so the launcher's process group
+    # does not reach them; kill every process of the tree at once, and wait until all are gone.
+    job = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for process in job:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait(timeout=60)
+    gone, alive = psutil.wait_procs(job, timeout=60)
+    assert not alive, f"processes of the killed job still alive: {alive}"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
     assert not (run_dir / "checkpoints" / "step_00000004").exists()
     run_train(config, run_dir, nproc=2, overrides=bigger, resume="auto")
