@@ -105,15 +105,6 @@ def _count(kind: str, nbytes: int) -> None:
     comm_bytes[kind] += int(nbytes)
 
 
-def all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
-    size = dist.get_world_size(group)
-    x = x.contiguous()
-    parts = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(size)]
-    dist.all_gather(parts, x, group=group)
-    _count("all_gather", (size - 1) * x.numel() * x.element_size())
-    return parts
-
-
 def reduce_scatter(parts: list[torch.Tensor], group) -> torch.Tensor:
     """Sum over ranks of ``parts[rank]``: each rank gets its own summed part."""
     size = dist.get_world_size(group)

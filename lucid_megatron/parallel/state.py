@@ -27,8 +27,8 @@ def initialize_parallel(
 
     Uses the torchrun environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) when present; a
     process started without it becomes a world of one.  ``hierarchical_context_parallel_sizes`` ([a2a group
-    size, number of groups], cp_comm_type a2a+p2p) adds Megatron's two-level CP groups.  Seeds every rank's CPU and device
-    generators with ``seed`` so that initialisation is identical across ranks and TP sizes.
+    size, number of groups], cp_comm_type a2a+p2p) adds Megatron's two-level CP groups.  Seeds every rank's
+    CPU and device generators with ``seed`` so that initialisation is identical across ranks and TP sizes.
     """
     apply_cpu_shim()
     if not dist.is_initialized():
@@ -52,7 +52,8 @@ def initialize_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         context_parallel_size=context_parallel_size,
-        hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes if context_parallel_size > 1 else None,
+        hierarchical_context_parallel_sizes=(hierarchical_context_parallel_sizes if context_parallel_size > 1
+                                             else None),
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=False,
     )
