@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lucid_megatron.numerics import relative_error
 from lucid_megatron.ops import LucidCache, lucid_attention, lucid_decode_step
 from lucid_megatron.timing import median_seconds
 
@@ -19,10 +20,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-
-
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def run(args) -> int:
@@ -37,8 +34,8 @@ def run(args) -> int:
         [lucid_decode_step(cache, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1]) for t in range(257)], dim=1
     )
     print(f"exactness (float64, N=257, Hq={hq}, Hkv={hkv}, D={d}), max relative error vs dense reference:")
-    print(f"  blockwise prefill  {_max_rel(fast, ref):.2e}")
-    print(f"  token-by-token     {_max_rel(decoded, ref):.2e}")
+    print(f"  blockwise prefill  {relative_error(fast, ref):.2e}")
+    print(f"  token-by-token     {relative_error(decoded, ref):.2e}")
 
     n = args.seqlen
     q, k, v = (torch.randn(1, n, h, d, requires_grad=True) for h in (hq, hkv, hkv))

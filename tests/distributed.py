@@ -18,10 +18,33 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+# Ports are drawn below the kernel's ephemeral range: a port taken with bind(0) and released comes from that
+# range, and every outgoing connection (gloo opens many) draws from it too, so one could take the port before
+# rank 0 listens on it (EADDRINUSE).  Each pytest-xdist worker draws from its own slice, so two workers never
+# pick the same port; within a process the draws go round the slice.
+_PORT_BASE, _PORTS_PER_WORKER = 12000, 2000
+_next_port_offset = os.getpid() % _PORTS_PER_WORKER
+
+
+def _worker_index() -> int:
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw3"; absent when xdist is not used
+    return int(name[2:]) if name[2:].isdigit() else 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that is free now and that no other test process on this machine will pick."""
+    global _next_port_offset
+    first = _PORT_BASE + _worker_index() * _PORTS_PER_WORKER
+    for _ in range(_PORTS_PER_WORKER):
+        port = first + _next_port_offset
+        _next_port_offset = (_next_port_offset + 1) % _PORTS_PER_WORKER
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {first}..{first + _PORTS_PER_WORKER - 1}")
 
 
 def _worker(fn, rank, world_size, port, args, results):
@@ -50,7 +73,19 @@ def decode_result(value: bytes):
 
 
 def run_on_ranks(fn, world_size: int, *args, timeout: float = 300):
-    """``fn(rank, world_size, *args)`` on ``world_size`` processes; returns the results by rank."""
+    """``fn(rank, world_size, *args)`` on ``world_size`` processes; returns the results by rank.
+
+    If rank 0 could not listen on its port (a process outside the tests took it), the call is tried once more
+    on another port; every other failure raises at once."""
+    try:
+        return _run_once(fn, world_size, args, timeout)
+    except AssertionError as error:
+        if "EADDRINUSE" not in str(error):
+            raise
+        return _run_once(fn, world_size, args, timeout)
+
+
+def _run_once(fn, world_size, args, timeout):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

@@ -5,18 +5,18 @@ resolving a run directory or step to a checkpoint, reading what a checkpoint rec
 from .store import (
     DEEPSPEED_PICKLE_GLOBALS,
     Checkpointer,
+    RngStreams,
+    Stateful,
     checkpoint_problem,
     nonfinite_weights,
     pickle_globals,
     read_model_config,
     read_state,
     resolve_checkpoint,
-    rng_state,
     save_weights_checkpoint,
-    set_rng_state,
     unsafe_model_index,
 )
 
-__all__ = ["DEEPSPEED_PICKLE_GLOBALS", "Checkpointer", "checkpoint_problem", "nonfinite_weights", "pickle_globals",
-           "read_model_config", "read_state", "resolve_checkpoint", "rng_state", "save_weights_checkpoint",
-           "set_rng_state", "unsafe_model_index"]
+__all__ = ["DEEPSPEED_PICKLE_GLOBALS", "Checkpointer", "RngStreams", "Stateful", "checkpoint_problem",
+           "nonfinite_weights", "pickle_globals", "read_model_config", "read_state", "resolve_checkpoint",
+           "save_weights_checkpoint", "unsafe_model_index"]

@@ -4,64 +4,140 @@ Layout of ``RUN_DIR/checkpoints/``::
 
     step_00000100/
         model/          Megatron dist_checkpointing (torch_dist): weights, reshardable across TP/DP/CP
-        deepspeed/      DeepSpeed's optimizer state (Adam moments; tied to the TP x DP x ZeRO layout)
-        optimizer/      the same AdamW state per parameter (dist_checkpointing, reshardable like model/)
+        optimizer/      AdamW's state (fp32 master, both moments; step count): each rank's ZeRO fragments,
+                        written once by the rank that holds them, reshardable across TP/DP/ZeRO stage
         rng/rank_K.pt   each rank's RNG streams
-        state.json      step, data-stream positions, counters, the layout it was saved with, tokenizer
+        state.json      step, data-stream positions, counters, the layout it was saved with, tokenizer,
+                        LR schedule (each part of the run's state writes its own keys)
         model.yaml      the model architecture (what converters and evaluators need to rebuild it)
         COMPLETE        written last inside the directory
     latest              name of the newest complete checkpoint, replaced atomically after publishing
 
 A save writes into ``step_XXXXXXXX.partial/`` and renames it only when every rank has finished and
 ``COMPLETE`` is written, then replaces ``latest``: a process killed at any moment leaves the previous
-checkpoint intact and ``latest`` pointing at it.  Resuming on the layout it was saved with loads
-DeepSpeed's own state (bit-exact).  On another TP/DP/ZeRO layout the weights and ``optimizer/`` are
-resharded by Megatron's dist_checkpointing and scattered into the new ZeRO partitions
-(``optimizer_state.py``), so AdamW continues with its moments; only the per-rank RNG streams restart.
+checkpoint intact and ``latest`` pointing at it.  Resuming reads ``model/`` and ``optimizer/`` into the
+current layout (``optimizer_state.py``): on the layout it was saved with the values are the same bits, and the
+RNG streams are restored too (bit-exact continuation); on another TP/DP/ZeRO layout they are resharded and
+only the per-rank RNG streams restart.  Checkpoints written before ``optimizer/`` was the only optimizer state
+also hold ``deepspeed/`` (DeepSpeed's own per-rank files), read only when ``optimizer/`` is absent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import pickletools
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from lucid_megatron import atomic
 
-from .optimizer_state import gathered_parameters, load_optimizer_state, save_optimizer_state
+from lucid_megatron.runtime import deepspeed_adapter as ds
+
+from .optimizer_state import load_optimizer_state, own_storage, save_optimizer_state
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class Stateful(Protocol):
+    """An object that saves and loads its own part of a run's state (torchtitan's Stateful pattern)."""
+
+    def state_dict(self) -> dict[str, object]: ...
+
+    def load_state_dict(self, state: dict[str, object]) -> None: ...
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
+class RngStreams:
+    """This rank's random streams: torch's CPU generator, Megatron's tracker (its TP-aware CUDA streams) and,
+    on a GPU, the current device's generator.  Saved per rank as ``rng/rank_K.pt``."""
+
+    def state_dict(self) -> dict[str, object]:
+        state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        torch.set_rng_state(state["cpu"])
+        get_cuda_rng_tracker().set_states(state["tracker"])
+        if torch.cuda.is_available() and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+def _weights_to_save(engine) -> dict:
+    """The model's sharded state dict, factories applied, each host tensor over exactly its own memory (ZeRO
+    keeps the weights in flat buffers; see ``own_storage``).  Under ZeRO-3 (called with the weights gathered)
+    they are copied to the host now: the gathered buffers are released, and may be reused, when the gather ends,
+    before a background write is staged."""
+    sharded = engine.module.sharded_state_dict()
+    apply_factories(sharded)
+    gathered = ds.zero_stage(engine) == 3
+    for value in nested_values(sharded):
+        if isinstance(value, ShardedTensor) and value.data is not None:
+            value.data = value.data.detach().to("cpu", copy=True) if gathered else own_storage(value.data)
+    return sharded
+
+
+def _one_after_the_other(first, second):
+    """One background write of two of Megatron's async save requests: one writer process runs them in order, so
+    their results reach Megatron's write-result queue (one per process, shared by every request) in the order
+    their finalizers read them.  Two requests in flight at once could each read the other's results."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+    parts = [request for request in (first, second) if request is not None]
+
+    def stage():
+        staged = []
+        for request in parts:
+            args = list(request.async_fn_args)
+            if request.preload_fn is not None:
+                args[1] = request.preload_fn()  # Megatron's convention: the write buckets, copied to the host
+            staged.append((request.async_fn, args, request.async_fn_kwargs))
+        return staged
+
+    def write(_, staged):
+        for function, args, kwargs in staged:
+            if function is not None:
+                function(*args, **kwargs)
+
+    return AsyncRequest(write, (None, None), [fn for request in parts for fn in request.finalize_fns],
+                        preload_fn=stage)
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingSave:
+    """A checkpoint whose files are being written in the background; published when every rank is done."""
+
+    step: int
+    path: Path  # where it will appear
+    started: float  # time.monotonic() when the training loop went on
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, keep_last: int = 2, reshardable_optimizer: bool = True):
+    """Writes and finds a run's checkpoints.  ``async_save``: a save copies the state to host memory and returns;
+    forked processes write the files (Megatron's async dist-checkpointing) while training goes on, and the
+    checkpoint is published (``COMPLETE``, rename, ``latest``) at the first ``poll``/``wait`` after every rank's
+    writes finished.  At most one save is in flight: ``save`` waits for the previous one first."""
+
+    def __init__(self, root: str | Path, keep_last: int = 2, async_save: bool = False):
         self.root = Path(root)
         self.keep_last = keep_last
-        self.reshardable_optimizer = reshardable_optimizer  # also write optimizer/ (costs its size on disk)
+        self.async_save = async_save
+        self.pending: PendingSave | None = None
+        self._queue = None  # Megatron's AsyncCallsQueue, made at the first asynchronous save
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -85,10 +161,15 @@ class Checkpointer:
         complete = self.complete_checkpoints()
         return complete[-1] if complete else None
 
-    # ---- saving (collective: every rank calls it) ----------------------------------------------
+    # ---- saving (collective: every rank calls these at the same point) -------------------------
 
-    def save(self, step: int, engine, state: dict, files: dict[str, str] | None = None) -> Path:
-        """Write checkpoint ``step`` (collective). ``files``: extra text files, e.g. ``model.yaml``."""
+    def save(self, step: int, engine, state: dict[str, object], rng: Stateful,
+             files: dict[str, str] | None = None) -> Path:
+        """Write checkpoint ``step``; returns where it appears (collective).  ``state``: the run's state, the same
+        on every rank (rank 0 writes it to state.json); ``rng``: this rank's random streams; ``files``: extra text
+        files, e.g. ``model.yaml``.  Asynchronous: returns once the state is staged; ``pending`` names it until
+        ``poll``/``wait`` publishes it.  Call ``wait`` first to learn how long the previous save held this one."""
+        self.wait()
         rank = dist.get_rank()
         final = self.step_dir(step)
         partial = final.with_name(final.name + ".partial")
@@ -96,24 +177,38 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             if partial.exists():  # left by a save that was killed
                 shutil.rmtree(partial)
-            (partial / "model").mkdir(parents=True)
-            (partial / "rng").mkdir()
+            for part in ("model", "rng", "optimizer"):
+                (partial / part).mkdir(parents=True)
         dist.barrier()
-        with gathered_parameters(engine):
-            dist_checkpointing.save(engine.module.sharded_state_dict(), str(partial / "model"))
-        engine.save_checkpoint(str(partial / "deepspeed"), tag="state", save_latest=False)
-        if self.reshardable_optimizer:
-            if rank == 0:
-                (partial / "optimizer").mkdir()
-            dist.barrier()
-            save_optimizer_state(engine, partial / "optimizer")
-        torch.save(rng_state(), partial / "rng" / f"rank_{rank}.pt")
+        with ds.gathered_parameters(engine):
+            model_write = dist_checkpointing.save(_weights_to_save(engine), str(partial / "model"),
+                                                  async_sharded_save=self.async_save)
+        optimizer_write = save_optimizer_state(engine, partial / "optimizer", async_save=self.async_save)
+        torch.save(rng.state_dict(), partial / "rng" / f"rank_{rank}.pt")
         if rank == 0:
             atomic.write_text(partial / "state.json", json.dumps({"step": step, **state}, indent=1))
             for name, text in (files or {}).items():
                 atomic.write_text(partial / name, text)
+        if not self.async_save:
+            self._publish(partial, final)
+            return final
+        write = _one_after_the_other(model_write, optimizer_write)
+        write.add_finalize_fn(lambda: self._publish(partial, final))  # after both parts' own finalizers
+        if self._queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue(persistent=False)
+        # Megatron's queue stages the tensors in host memory (from a GPU) and forks a writer process, which sees
+        # the host memory as it was at the fork (on a CPU, that is the copy).
+        self._queue.schedule_async_request(write)
+        self.pending = PendingSave(step, final, time.monotonic())
+        return final
+
+    def _publish(self, partial: Path, final: Path) -> None:
+        """Every rank's files are written: mark the checkpoint complete, rename it into place, point ``latest``
+        at it, drop the oldest (collective)."""
         dist.barrier()
-        if rank == 0:
+        if dist.get_rank() == 0:
             atomic.write_text(partial / "COMPLETE", "")
             if final.exists():  # an older save of the same step (e.g. re-run after preemption)
                 shutil.rmtree(final)
@@ -122,7 +217,44 @@ class Checkpointer:
             for old in self.complete_checkpoints()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
-        return final
+
+    def poll(self) -> Path | None:
+        """Publish the save in flight if every rank has finished writing it (collective, one small all-reduce;
+        nothing when no save is in flight).  Returns the checkpoint published, if any.  A write that failed
+        raises here, on every rank, and the checkpoint is not published."""
+        return self._finalize(blocking=False)
+
+    def wait(self) -> float:
+        """Block until the save in flight (if any) is written and published (collective); returns the seconds
+        waited."""
+        if self.pending is None:
+            return 0.0
+        start = time.monotonic()
+        self._finalize(blocking=True)
+        return time.monotonic() - start
+
+    def _finalize(self, blocking: bool) -> Path | None:
+        if self.pending is None:
+            return None
+        pending = self.pending
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except BaseException:
+            self.pending = None
+            self.abandon()
+            raise
+        if self._queue.get_num_unfinalized_calls():
+            return None
+        self.pending = None
+        return pending.path
+
+    def abandon(self) -> None:
+        """Stop waiting for background writes (after a failure): their checkpoint is never published."""
+        if self._queue is not None:
+            for _, caller, _ in list(self._queue.async_calls):
+                caller.close(abort=True)
+            self._queue.async_calls.clear()
+        self.pending = None
 
     # ---- loading --------------------------------------------------------------------------------
 
@@ -139,37 +271,34 @@ class Checkpointer:
         model.load_state_dict(state_dict, strict=True)
 
     @staticmethod
-    def load_training_state(path: Path, engine, same_layout: bool, layout_note: str) -> str:
+    def load_training_state(path: Path, engine, rng: Stateful, same_layout: bool, layout_note: str) -> str:
         """Optimizer (and, on the same layout, RNG) state; returns what was restored, in words.
 
-        Same layout: DeepSpeed's own files, bit-exact.  Another layout: the layout-free ``optimizer/`` copy,
-        resharded; a checkpoint written without it restores weights, step and data position only.
+        ``optimizer/`` loads into any layout.  A checkpoint from before it was the only optimizer state and
+        written without it has DeepSpeed's own files only: they load on the same layout; on another one
+        weights, step and data position are restored and the AdamW moments restart from zero.
         """
         path = Path(path)
+        has_optimizer = (path / "optimizer" / "common.pt").exists()
         if not same_layout:
-            if not (path / "optimizer" / "common.pt").exists():
+            if not has_optimizer:
                 return (f"{path.name} was saved with a different layout ({layout_note}) and without optimizer/: "
                         "weights, step and data position are restored, the AdamW moments restart from zero")
             steps = load_optimizer_state(engine, path / "optimizer")
             return (f"{path.name} was saved with a different layout ({layout_note}): weights and AdamW state "
                     f"({steps} updates) resharded to this layout")
-        engine.load_checkpoint(
-            str(path / "deepspeed"), tag="state", load_optimizer_states=True,
-            load_lr_scheduler_states=False, load_module_strict=True,
-        )
+        if has_optimizer:
+            load_optimizer_state(engine, path / "optimizer")
+        else:
+            ds.load_legacy_state(engine, path / "deepspeed")
         rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=True))  # tensors only: a crafted file cannot run code
+        rng.load_state_dict(torch.load(rng_file, weights_only=True))  # tensors only: a crafted file cannot run code
         return f"{path.name}: optimizer and RNG state restored"
 
 
-# The only classes DeepSpeed's own state files may name (its loader unpickles them without restriction):
-# checked before DeepSpeed reads a file, so a crafted file is refused instead of executed.
-DEEPSPEED_PICKLE_GLOBALS = frozenset({
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-})
+# The only classes DeepSpeed's own state files (deepspeed/ of an older checkpoint) may name: its loader
+# unpickles them without restriction, so they are checked before it reads a file.
+DEEPSPEED_PICKLE_GLOBALS = ds.LEGACY_PICKLE_GLOBALS
 
 
 _PICKLE_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
@@ -276,11 +405,7 @@ def _model_shards_problem(model_dir: Path) -> str | None:
 
 def nonfinite_weights(engine) -> bool:
     """True if any weight held by this rank is NaN or infinite (under ZeRO-3: this rank's partitions)."""
-    for p in engine.module.parameters():
-        local = getattr(p, "ds_tensor", None) if engine.zero_optimization_stage() == 3 else p
-        if local is not None and local.numel() and not torch.isfinite(local).all():
-            return True
-    return False
+    return any(local.numel() and not torch.isfinite(local).all() for local in ds.local_weights(engine))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -328,7 +453,7 @@ def save_weights_checkpoint(path: str | Path, model: torch.nn.Module, state: dic
 
 
 def read_state(checkpoint: str | Path) -> dict:
-    """``state.json`` of a checkpoint: step, data positions, counters, layout, tokenizer."""
+    """``state.json`` of a checkpoint: step, data positions, counters, layout, tokenizer, LR schedule."""
     path = Path(checkpoint) / "state.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing")

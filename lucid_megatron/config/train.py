@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -40,16 +41,58 @@ class SynthConfig:
             raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
 
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names metrics keys and TensorBoard tags
+
+
+@dataclasses.dataclass
+class UpsampleConfig:
+    """Repeat a source's long documents: each document of at least ``min_tokens`` tokens is read ``factor``
+    times per epoch of its source (spread over the epoch, see docs/data.md)."""
+
+    min_tokens: int
+    factor: int = 2
+
+    def validate(self) -> None:
+        if self.min_tokens < 1:
+            raise ConfigError(f"min_tokens: must be >= 1, got {self.min_tokens}")
+        if self.factor < 1:
+            raise ConfigError(f"factor: must be an integer >= 1, got {self.factor}")
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One prepared dataset of a mixture: documents are drawn from it in proportion to ``weight``."""
+
+    path: str
+    weight: float = 1.0
+    name: str | None = None  # default: the directory's name
+    upsample: UpsampleConfig | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else Path(self.path).name
+
+    def validate(self) -> None:
+        if not self.weight >= 0:  # NaN fails too (the schema refuses it earlier, naming the key)
+            raise ConfigError(f"weight: must be a number >= 0, got {self.weight!r}")
+        if not SOURCE_NAME.fullmatch(self.label):
+            raise ConfigError(f"name: {self.label!r} is not allowed (it names metrics); use letters, digits, "
+                              "'_', '.' and '-' (set name: when the directory's name has other characters)")
+
+
 @dataclasses.dataclass
 class DataConfig:
-    path: str  # dataset directory: manifest.json + webdataset shards (`lucid data synth|prepare`)
+    # dataset directory: manifest.json + webdataset shards (`lucid data synth|prepare`); or give `sources`
+    path: str | None = None
+    # a weighted mixture of prepared datasets instead of `path` (docs/data.md, "Mixtures")
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
     synth: SynthConfig | None = None
     loss_tokens: Literal["all", "answer"] = "all"
     num_streams: int = 8  # virtual streams; fixes the sample order for every DP/worker layout
     num_workers: int = 1
     shuffle_shards: bool = True
     on_bad_shard: Literal["error", "skip"] = "error"
-    eval_rows: int = 64  # validation rows per evaluation (0: no validation)
+    eval_rows: int = 64  # validation rows per evaluation (0: no validation); per source in a mixture
 
     def validate(self) -> None:
         if self.num_streams < 1:
@@ -58,6 +101,22 @@ class DataConfig:
             raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.eval_rows < 0:
             raise ConfigError(f"eval_rows: must be >= 0, got {self.eval_rows}")
+        if (self.path is None) == (not self.sources):
+            raise ConfigError("path: give either data.path (one dataset) or data.sources (a mixture), "
+                              f"{'not both' if self.path is not None else 'one of them'}")
+        if self.sources:
+            self._validate_sources()
+
+    def _validate_sources(self) -> None:
+        if self.synth is not None:
+            raise ConfigError("synth: writes the dataset at data.path; a mixture (data.sources) reads prepared "
+                              "datasets only")
+        labels = [source.label for source in self.sources]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ConfigError(f"sources: names {repeated} given more than once; set a distinct name: per source")
+        if not any(source.weight > 0 for source in self.sources):
+            raise ConfigError(f"sources: every weight is 0 ({', '.join(labels)}); at least one must be > 0")
 
 
 @dataclasses.dataclass
@@ -121,6 +180,8 @@ class TrainSection:
     stop_at_step: int | None = None
     # A collective that waits longer than this fails, naming the rank and the phase (a hang becomes an error).
     collective_timeout_s: float = 600.0
+    # Start on a DeepSpeed version the checkpoint code was not checked against (runtime/deepspeed_adapter.py).
+    allow_untested_deepspeed: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.seed < 2**32:
@@ -146,9 +207,13 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps (0: only at the end and on preemption)
     keep_last: int = 2
     init_from: str | None = None  # weights-only start (e.g. context extension from a 2K run)
-    # Also save AdamW's state per parameter (optimizer/), so a resume on another TP/DP/ZeRO layout keeps the
-    # moments; costs about the optimizer state's size again on disk (12 bytes per parameter).
-    reshardable_optimizer: bool = True
+    # Write checkpoints in the background (the step that saves only stages the state in host memory);
+    # null: on GPUs yes, on CPU no (docs/training.md, "Checkpoints").
+    async_save: bool | None = None
+
+    def writes_in_background(self, device) -> bool:
+        """Whether saves on ``device`` are asynchronous (``async_save``, or its default for the device)."""
+        return self.async_save if self.async_save is not None else str(device).startswith("cuda")
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 1:

@@ -106,7 +106,7 @@ def from_hf(args) -> int:
     weights = hf_io.read_hf_weights(source)
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight", None)
-    mapping.check_hf_weights(weights, cfg, str(source), config["vocab_size"])
+    hf_io.check_hf_weights(weights, cfg, str(source), config["vocab_size"])
     megatron = mapping.hf_to_megatron({k: v.float() for k, v in weights.items()}, cfg)
     from lucid_megatron.data.tokenizer import ByteTokenizer, HFTokenizer
 

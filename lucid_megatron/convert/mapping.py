@@ -117,33 +117,3 @@ def hf_to_megatron(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         out[QKV[0].format(i=i)] = torch.cat(parts, dim=1).reshape(-1, hidden)
         out[FC1[0].format(i=i)] = torch.cat([weights[name.format(i=i)] for name in FC1[1]], dim=0)
     return _contiguous(out)
-
-
-def expected_hf_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the Hugging Face model for ``cfg`` with ``vocab_size`` vocabulary rows, read off the
-    model itself built on the meta device (no memory, no initialisation); tied embeddings appear once."""
-    from lucid_megatron.hf import LucidForCausalLM
-
-    from .hf_io import hf_config_for
-
-    config = hf_config_for(cfg, {})
-    config.vocab_size = vocab_size
-    with torch.device("meta"):
-        model = LucidForCausalLM(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
-
-
-def check_hf_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig, source: str, vocab_size: int) -> None:
-    """Every expected tensor present with the expected shape (``vocab_size``: the config's vocabulary rows, up
-    to the padded size: exports before the rows were trimmed carry them); errors name the tensor and the file."""
-    if not 0 < vocab_size <= cfg.padded_vocab_size:
-        raise ValueError(f"{source}/config.json: vocab_size={vocab_size}; allowed: 1..{cfg.padded_vocab_size} "
-                         f"(the model's vocabulary of {cfg.vocab_size} padded to a multiple of "
-                         f"{cfg.make_vocab_size_divisible_by})")
-    expected = expected_hf_shapes(cfg, vocab_size)
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise ValueError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-    for name, shape in expected.items():
-        if tuple(weights[name].shape) != shape:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(weights[name].shape)}, expected {shape}")

@@ -32,14 +32,23 @@ def add_arguments(parser) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")
 
-    prepare = sub.add_parser("prepare", help="tokenize .txt / .jsonl files into shards",
-                             description="Tokenize text: a .txt file is one document, a .jsonl line is one.")
-    prepare.add_argument("inputs", metavar="INPUT", nargs="+", help=".txt or .jsonl files")
+    prepare = sub.add_parser(
+        "prepare", help="tokenize text corpora (.txt, .jsonl[.gz|.zst], .parquet) into shards, in parallel",
+        description="Tokenize text in parallel: a .txt file is one document, a .jsonl line is one, a parquet row is "
+                    "one. The result is the same for any --workers; an interrupted run, rerun with the same "
+                    "arguments, continues from the parts it finished.")
+    prepare.add_argument("inputs", metavar="INPUT", nargs="+",
+                         help="files, directories (searched recursively) or quoted globs of .txt, .jsonl, .jsonl.gz, "
+                              ".jsonl.zst and .parquet files")
     prepare.add_argument("--out", required=True, metavar="DIR", help="new (or empty) dataset directory")
     prepare.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")
+    prepare.add_argument("--workers", type=int, default=None,
+                         help="tokenizer processes (default: the CPU cores this process may use)")
     prepare.add_argument("--valid-fraction", type=float, default=0.01)
     prepare.add_argument("--docs-per-shard", type=int, default=1000)
-    prepare.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines")
+    prepare.add_argument("--text-key", default="text", help="field (.jsonl) or column (.parquet) holding the text")
+    prepare.add_argument("--part-mb", type=float, default=8.0,
+                         help="MiB of text per part: the unit of work and of resuming (does not change the result)")
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--no-bos", action="store_true", help="do not start documents with BOS")
     prepare.add_argument("--no-eos", action="store_true", help="do not end documents with EOS")
@@ -58,15 +67,20 @@ def run(args) -> int:
     from .tokenizer import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
         if args.data_command == "synth":
             task = RetrievalTask(**{name: getattr(args, name) for name in DEFAULT_TASK})
             manifest = write_synth_dataset(args.out_dir, task, train_docs=args.train_docs, valid_docs=args.valid_docs,
-                                           docs_per_shard=args.docs_per_shard, seed=args.seed, tokenizer=tokenizer)
+                                           docs_per_shard=args.docs_per_shard, seed=args.seed,
+                                           tokenizer=load_tokenizer(args.tokenizer))
         else:
-            manifest = prepare_dataset(args.inputs, args.out, tokenizer=tokenizer, valid_fraction=args.valid_fraction,
-                                       docs_per_shard=args.docs_per_shard, text_key=args.text_key, seed=args.seed,
-                                       add_bos=not args.no_bos, add_eos=not args.no_eos)
+            if not 0 < args.part_mb <= 1 << 20:
+                raise ValueError(f"--part-mb {args.part_mb} is not allowed; allowed: 0 < MiB <= {1 << 20}")
+            part_bytes = max(1, round(args.part_mb * (1 << 20)))
+            # prepare loads the tokenizer itself: a directory that does not load is a one-line error there
+            manifest = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer, workers=args.workers,
+                                       valid_fraction=args.valid_fraction, docs_per_shard=args.docs_per_shard,
+                                       text_key=args.text_key, seed=args.seed, add_bos=not args.no_bos,
+                                       add_eos=not args.no_eos, part_bytes=part_bytes)
     except (ValueError, OSError) as err:
         print(f"lucid data {args.data_command}: error: {err}", file=sys.stderr)
         return 1

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,11 +20,14 @@ from lucid_megatron.errors import ConfigError  # the layout is checked against c
 
 from .packing import RowPacker
 from .shards import Manifest, read_manifest
-from .streams import ShardStream, check_state, deal_shards, fresh_state
+from .mixture import Mixture, MixtureStream, SourceDraws, check_mixture_state, fresh_mixture_state
+from .streams import ShardStream, SourceShards, check_state, deal_shards, fresh_state
 
 
 @dataclass
 class MicroBatch:
+    """Packed rows on the host, as the loader made them (``Runtime.micro_batch`` places them on the device)."""
+
     tokens: torch.Tensor  # [1, T] int64, T = num_rows * seq_length
     labels: torch.Tensor  # [1, T] int64
     loss_weight: torch.Tensor  # [1, T] float32
@@ -35,14 +37,6 @@ class MicroBatch:
     num_rows: int
     stream_states: dict[str, dict]  # str(stream) -> its state after these rows
     row_indices: list[int] = field(default_factory=list)  # global row index of each row
-    # cu_seqlens as read on the host before the batch moved to a device (attention layers use it, so
-    # they never copy boundaries back from the device)
-    cu_seqlens_host: tuple[int, ...] | None = None
-    # Under context parallelism (set by parallel.context.split_micro_batch, once per micro-batch): this rank's
-    # zigzag layout, which every attention layer reuses, and the index of each local token in the unsplit
-    # row (-1: padding), which evaluation needs to put predictions back in order.  Both stay on the host.
-    cp_layout: Any = None
-    source_positions: torch.Tensor | None = None
 
     @classmethod
     def padding(cls, num_rows: int, seq_length: int, pad_id: int) -> "MicroBatch":
@@ -56,15 +50,6 @@ class MicroBatch:
             num_rows=num_rows, stream_states={},
         )
 
-    def to(self, device) -> "MicroBatch":
-        """The same micro-batch with its tensors on ``device`` (boundaries kept on the host too)."""
-        host = self.cu_seqlens_host
-        if host is None:
-            host = tuple(int(x) for x in self.cu_seqlens.tolist())
-        moved = {name: getattr(self, name).to(device, non_blocking=True)
-                 for name in ("tokens", "labels", "loss_weight", "position_ids", "cu_seqlens")}
-        return replace(self, cu_seqlens_host=host, **moved)
-
 
 def _positive(name: str, value, low: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -75,8 +60,10 @@ def _as_manifest(dataset) -> Manifest:
     return dataset if isinstance(dataset, Manifest) else read_manifest(dataset)
 
 
-def check_layout(manifest, num_streams: int, dp_size: int, num_workers: int, global_batch_size: int) -> None:
-    """Refuse, before any process starts, a layout the train loader cannot serve deterministically."""
+def check_stream_layout(manifest, num_streams: int, dp_size: int, num_workers: int, global_batch_size: int) -> None:
+    """Refuse, before any process starts, streams the train loader cannot serve deterministically: every reader
+    (DP rank x loader worker) owns whole streams, a global batch takes as many rows from each stream, and
+    every stream has a shard."""
     manifest = _as_manifest(manifest)
     for name, value, low in (("num_streams", num_streams, 1), ("dp_size", dp_size, 1),
                              ("num_workers", num_workers, 0), ("global_batch_size", global_batch_size, 1)):
@@ -95,6 +82,50 @@ def check_layout(manifest, num_streams: int, dp_size: int, num_workers: int, glo
                           f"num_streams={num_streams}; every stream needs at least one shard")
 
 
+def _dealt_shards(manifest: Manifest, split: str, shards: list[int]) -> tuple[list, list[int] | None]:
+    """Paths and document counts of the given shards of ``split``."""
+    info, paths = manifest.split(split), manifest.shard_paths(split)
+    counts = [info.shard_documents[i] for i in shards] if info.shard_documents else None
+    return [paths[i] for i in shards], counts
+
+
+def _dataset_streams(manifest: Manifest, split: str, mine: list[int], num_streams: int, state: dict, options: dict):
+    """One dataset's streams (today's format of the state: docs/data.md)."""
+    dealt = deal_shards(len(manifest.split(split).shards), num_streams)
+    streams, start = {}, {}
+    for s in mine:
+        paths, counts = _dealt_shards(manifest, split, dealt[s])
+        streams[s] = ShardStream(s, num_streams, paths, counts, vocab_size=int(manifest.tokenizer["vocab_size"]),
+                                 **options)
+        saved = state.get(str(s))
+        start[s] = fresh_state(num_streams) if saved is None else check_state(saved, s, num_streams, len(dealt[s]))
+    return streams, start
+
+
+def _mixture_streams(mixture: Mixture, split: str, mine: list[int], num_streams: int, state: dict, options: dict):
+    """A mixture's streams: each interleaves its share of every source's shards (data/mixture.py)."""
+    dealt = []
+    for source in mixture.sources:
+        try:
+            dealt.append(deal_shards(len(source.manifest.split(split).shards), num_streams))
+        except ValueError as err:
+            raise ValueError(f"source {source.name!r} ({source.manifest.dir}): {err}") from None
+    streams, start = {}, {}
+    for s in mine:
+        readers = []
+        for k, source in enumerate(mixture.sources):
+            paths, counts = _dealt_shards(source.manifest, split, dealt[k][s])
+            readers.append(SourceShards(s, paths, counts, vocab_size=int(source.manifest.tokenizer["vocab_size"]),
+                                        index=k, upsample=source.upsample, **options))
+        streams[s] = MixtureStream(s, num_streams, mixture.names, readers,
+                                   SourceDraws(mixture.probabilities(), options["seed"], s))
+        saved = state.get(str(s))
+        entries = {reader_name: len(r.paths) * r.passes for reader_name, r in zip(mixture.names, readers)}
+        start[s] = (fresh_mixture_state(mixture.names, num_streams) if saved is None
+                    else check_mixture_state(saved, s, num_streams, entries))
+    return streams, start
+
+
 class TrainRows(IterableDataset):
     """Packed rows of this DP rank (and, inside a DataLoader worker, of that worker), in global order.
 
@@ -106,7 +137,8 @@ class TrainRows(IterableDataset):
                  num_streams: int, num_workers: int = 0, seed: int = 0, shuffle_shards: bool = True,
                  loss_tokens: str = "all", on_bad_shard: str = "error", state: dict | None = None,
                  one_pass: bool = False, max_rows: int | None = None):
-        manifest = _as_manifest(dataset_dir)
+        mixture = dataset_dir if isinstance(dataset_dir, Mixture) else None
+        manifests = [s.manifest for s in mixture.sources] if mixture else [_as_manifest(dataset_dir)]
         _positive("dp_size", dp_size)
         _positive("num_streams", num_streams)
         _positive("num_workers", num_workers, 0)
@@ -117,28 +149,24 @@ class TrainRows(IterableDataset):
         if num_streams % readers and not one_pass:  # eval may leave a rank without streams: it reads nothing
             raise ValueError(f"num_streams={num_streams} must be a multiple of dp_size*num_workers={readers} "
                              f"(dp_size={dp_size}, num_workers={num_workers})")
-        if loss_tokens == "answer" and not manifest.has_answer_mask:
-            raise ValueError(f"loss_tokens='answer' needs answer masks, but dataset {str(manifest.dir)!r} has none")
+        for manifest in manifests:
+            if loss_tokens == "answer" and not manifest.has_answer_mask:
+                raise ValueError(f"loss_tokens='answer' needs answer masks, but dataset {str(manifest.dir)!r} has none")
         if on_bad_shard not in ("error", "skip"):
             raise ValueError(f"on_bad_shard={on_bad_shard!r} is not allowed; allowed: 'error', 'skip'")
-        self.packer = RowPacker(seq_length, int(manifest.tokenizer["pad_id"]), loss_tokens)
-        info, paths = manifest.split(split), manifest.shard_paths(split)
-        dealt = deal_shards(len(paths), num_streams)
+        if mixture is not None and one_pass:
+            raise ValueError("a mixture is read for training only; evaluate each source's split on its own")
+        self.packer = RowPacker(seq_length, int(manifests[0].tokenizer["pad_id"]), loss_tokens)
         state = dict(state or {})
         unknown = sorted(set(state) - {str(s) for s in range(num_streams)})
         if unknown:
             raise ValueError(f"state names streams {unknown}, but num_streams={num_streams} (ids 0..{num_streams - 1})")
-        self.streams, self.start = {}, {}
-        for s in range(num_streams):
-            if s % dp_size != dp_rank:
-                continue  # another rank's stream: never read here
-            counts = [info.shard_documents[i] for i in dealt[s]] if info.shard_documents else None
-            self.streams[s] = ShardStream(s, num_streams, [paths[i] for i in dealt[s]], counts, seed=seed,
-                                          shuffle=shuffle_shards, one_pass=one_pass, on_bad_shard=on_bad_shard,
-                                          vocab_size=int(manifest.tokenizer["vocab_size"]))
-            saved = state.get(str(s))
-            self.start[s] = fresh_state(num_streams) if saved is None else check_state(saved, s, num_streams,
-                                                                                        len(dealt[s]))
+        mine = [s for s in range(num_streams) if s % dp_size == dp_rank]  # another rank's streams are never read here
+        options = dict(seed=seed, shuffle=shuffle_shards, one_pass=one_pass, on_bad_shard=on_bad_shard)
+        if mixture is None:
+            self.streams, self.start = _dataset_streams(manifests[0], split, mine, num_streams, state, options)
+        else:
+            self.streams, self.start = _mixture_streams(mixture, split, mine, num_streams, state, options)
         self.dp_size, self.num_workers, self.max_rows = dp_size, num_workers, max_rows
 
     def worker_of(self, stream: int) -> int:
@@ -214,6 +242,9 @@ def make_train_loader(dataset_dir, *, split: str = "train", seq_length: int, mic
                       dp_size: int, num_streams: int, num_workers: int, seed: int, shuffle_shards: bool = True,
                       loss_tokens: str = "all", on_bad_shard: str = "error", state: dict | None = None):
     """Endless iterator of this rank's MicroBatches (``micro_batch_size`` rows each), in global row order.
+
+    ``dataset_dir``: one dataset (a directory or its Manifest), or a ``Mixture`` (data/mixture.py) whose every
+    stream interleaves documents of its sources.
 
     ``state``: the merge of ``stream_states`` of every micro-batch consumed (all ranks); the rows
     that follow are then exactly those an uninterrupted run would have produced next.

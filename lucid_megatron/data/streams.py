@@ -12,6 +12,7 @@ packed), plus ``rows`` (rows emitted so far, which fixes their global indices) a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,39 +50,86 @@ def check_state(state, stream: int, num_streams: int, num_shards: int) -> dict:
     return dict(state)
 
 
-class ShardStream:
-    """One virtual stream: its shards, their per-epoch order, and the rows they pack into."""
+@dataclass(frozen=True)
+class Upsample:
+    """Documents of at least ``min_tokens`` tokens are read ``factor`` times per epoch of their source."""
 
-    def __init__(self, stream: int, num_streams: int, paths: list[Path], shard_documents: list[int] | None, *,
-                 seed: int, shuffle: bool, one_pass: bool, on_bad_shard: str, vocab_size: int | None = None):
-        self.stream, self.num_streams = stream, num_streams
-        self.vocab_size = vocab_size
-        self.paths, self.shard_documents = paths, shard_documents
-        self.seed, self.shuffle, self.one_pass, self.on_bad_shard = seed, shuffle, one_pass, on_bad_shard
+    min_tokens: int
+    factor: int
+
+    def is_long(self, length: int) -> bool:
+        return length >= self.min_tokens
+
+
+@dataclass(frozen=True)
+class SourceShards:
+    """One dataset's shards dealt to one stream, and how that stream reads them, epoch after epoch.
+
+    An epoch's order is a list of (shard, pass) entries: pass 0 of every shard reads all its documents;
+    with ``upsample``, passes 1 .. factor-1 read only its long documents. The entries are shuffled together
+    (``shuffle``), so the repeats spread over the epoch. ``index`` (the source's place in a mixture) keys
+    the shuffle; source 0 without upsampling reads exactly what a single dataset's stream reads.
+    """
+
+    stream: int
+    paths: list[Path]
+    shard_documents: list[int] | None
+    seed: int
+    shuffle: bool
+    one_pass: bool
+    on_bad_shard: str
+    vocab_size: int | None = None
+    index: int = 0
+    upsample: Upsample | None = None
+
+    @property
+    def passes(self) -> int:
+        return 1 if self.upsample is None else self.upsample.factor
 
     def order(self, epoch: int) -> list[int]:
+        """Entries ``j`` of the epoch's reading order: shard ``j % len(paths)``, pass ``j // len(paths)``."""
+        entries = len(self.paths) * self.passes
         if not self.shuffle:
-            return list(range(len(self.paths)))
-        return np.random.default_rng([self.seed, epoch, self.stream]).permutation(len(self.paths)).tolist()
+            return list(range(entries))
+        key = [self.seed, epoch, self.stream] + ([self.index] if self.index else [])
+        return np.random.default_rng(key).permutation(entries).tolist()
 
     def documents(self, epoch: int, shard: int, doc: int):
-        """Yield ``({"epoch", "shard", "doc"}, tokens, mask)`` from the given position onwards."""
+        """Yield ``({"epoch", "shard", "doc"}, tokens, mask)`` from the given position onwards; ``shard`` is the
+        position in the epoch's order, ``doc`` the document's index inside its shard file."""
         while not (self.one_pass and epoch > 0):
             whole_epoch, produced = shard == 0 and doc == 0, False
             order = self.order(epoch)
             for position in range(shard, len(order)):
-                i = order[position]
+                i, repeat = order[position] % len(self.paths), order[position] >= len(self.paths)
                 first = doc if position == shard else 0
                 expected = self.shard_documents[i] if self.shard_documents else None
                 found = iter_shard_documents(self.paths[i], on_bad_shard=self.on_bad_shard, start=first,
                                              expected_documents=expected, vocab_size=self.vocab_size)
                 for k, (tokens, mask) in enumerate(found, start=first):
+                    if repeat and not self.upsample.is_long(len(tokens)):
+                        continue  # a repeat pass reads the long documents only
                     produced = True
                     yield {"epoch": epoch, "shard": position, "doc": k}, tokens, mask
             if whole_epoch and not produced:
                 names = ", ".join(str(p) for p in self.paths)
                 raise ShardError(f"stream {self.stream} read a whole epoch without a document; its shards: {names}")
             epoch, shard, doc = epoch + 1, 0, 0
+
+
+class ShardStream:
+    """One virtual stream of one dataset: its shards, their per-epoch order, and the rows they pack into."""
+
+    def __init__(self, stream: int, num_streams: int, paths: list[Path], shard_documents: list[int] | None, *,
+                 seed: int, shuffle: bool, one_pass: bool, on_bad_shard: str, vocab_size: int | None = None):
+        self.stream, self.num_streams = stream, num_streams
+        self.source = SourceShards(stream, paths, shard_documents, seed, shuffle, one_pass, on_bad_shard, vocab_size)
+
+    def order(self, epoch: int) -> list[int]:
+        return self.source.order(epoch)
+
+    def documents(self, epoch: int, shard: int, doc: int):
+        return self.source.documents(epoch, shard, doc)
 
     def rows(self, packer: RowPacker, state: dict, max_rows: int | None = None):
         """Yield ``(global row index, PackedRow, state after the row)``; stops at ``max_rows`` (global)."""

@@ -244,8 +244,10 @@ def ensure_synth_dataset(data, say=print) -> bool:
     configured and not there yet; True if it wrote it.  Call it from one process only."""
     from .tokenizer import ByteTokenizer
 
+    if data.synth is None:  # nothing to write (a mixture, data.sources, has no data.path)
+        return False
     path = Path(data.path)
-    if data.synth is None or (path / "manifest.json").exists():
+    if (path / "manifest.json").exists():
         return False
     s = data.synth
     say(f"writing the synthetic retrieval dataset to {path} ({s.train_docs} train documents)")

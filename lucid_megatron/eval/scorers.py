@@ -9,10 +9,14 @@ over the vocabulary (TP) and the sequence (CP), and every rank gets the full res
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from lucid_megatron.parallel.plan import CpCommType
 
 
 def _pack(docs: list[np.ndarray]):
@@ -42,7 +46,7 @@ class MegatronScorer:
     results come back to the host.
     """
 
-    def __init__(self, checkpoint: str | Path, *, tp: int = 1, cp: int = 1, cp_comm_type: str = "p2p"):
+    def __init__(self, checkpoint: str | Path, *, tp: int = 1, cp: int = 1, cp_comm_type: CpCommType = "p2p"):
         from lucid_megatron.config import ParallelConfig
         from lucid_megatron.checkpoint import read_model_config, resolve_checkpoint
         from lucid_megatron.runtime import Runtime, start_runtime
@@ -52,7 +56,8 @@ class MegatronScorer:
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.cfg = portable_model_config(read_model_config(self.checkpoint))
         self.owns_parallel_state = not dist.is_initialized()
-        self.runtime = start_runtime(tp, cp) if self.owns_parallel_state else Runtime.current()
+        self.runtime = (start_runtime(tp, cp, cp_comm_type=cp_comm_type) if self.owns_parallel_state
+                        else Runtime.current(cp_comm_type=cp_comm_type))
         self.tp, self.cp = tp, cp
         if dist.get_world_size() != tp * cp:
             raise ValueError(f"evaluation runs on tp x cp = {tp * cp} processes, got a world of {dist.get_world_size()}")
@@ -63,11 +68,11 @@ class MegatronScorer:
 
     def _local(self, batch):
         """This rank's share of ``batch`` on the device and, per local token, its index in the unpadded batch
-        (-1: padding), also on the device."""
+        (-1: padding), also on the device (under CP the plan's index map, made with the split)."""
         local = self.runtime.micro_batch(batch)
         if self.cp == 1:
             return local, torch.arange(batch.tokens.shape[1], device=self.runtime.device)
-        return local, local.source_positions.to(self.runtime.device)  # from the split, once per batch
+        return local, local.plan.source_positions
 
     def _gather(self, values: torch.Tensor, positions: torch.Tensor, total: int, fill) -> torch.Tensor:
         """Local values at original positions (-1: padding) -> the full sequence on every rank, on the host."""

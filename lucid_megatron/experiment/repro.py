@@ -14,7 +14,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from typing import Any, Optional
 
 from lucid_megatron.atomic import write_text as atomic_write_text
 from lucid_megatron.config.schema import ConfigError, from_dict, parse_yaml
+from lucid_megatron.runtime.commands import NiahOptions, niah_command, process_command, shell_text, train_command
 
 
 @dataclasses.dataclass
@@ -29,51 +29,20 @@ class Experiment:
     base: Path  # the shared training config
     seeds: list[int]
     conditions: dict[str, list[str]]  # name -> "section.key=value" overrides of the base
-    eval: dict  # `lucid eval niah` options: lengths, needles, queries, key_len, ... num_samples, seed
+    eval: dict  # the set fields of NiahOptions (`lucid eval niah` options): lengths, needles, ... num_samples, seed
     plots: dict[str, list[str]]  # plot name -> conditions drawn on it
     nproc_per_node: int = 1  # processes per training run (GPUs on a node; 1 on a CPU machine)
     title: str = "needle retrieval"  # names the task on the plots
 
-    def command(self, condition: str, seed: int, run_dir: Path, extra: list[str]) -> list[str]:
-        command = [sys.executable, "-m", "lucid_megatron", "train", str(self.base), "--run-dir", str(run_dir),
-                   "--nproc-per-node", str(self.nproc_per_node), "--resume", "auto"]
-        for assignment in [*self.conditions[condition], f"train.seed={seed}", *extra]:
-            command += ["--set", assignment]
-        return command
+    def train_arguments(self, condition: str, seed: int, run_dir: Path, extra: list[str]) -> list[str]:
+        """``lucid train`` of one condition and seed, resuming whatever the run dir already holds."""
+        return train_command(self.base, run_dir, nproc_per_node=self.nproc_per_node, resume="auto",
+                             overrides=[*self.conditions[condition], f"train.seed={seed}", *extra])
 
-    def eval_command(self, run_dir: Path) -> list[str]:
-        e = self.eval
-        command = [sys.executable, "-m", "lucid_megatron", "eval", "niah", "--checkpoint",
-                   str(run_dir / "checkpoints"), "--out", str(run_dir / "niah.json"),
-                   "--lengths", *[str(n) for n in e["lengths"]]]
-        for key in ("needles", "queries", "updates", "key_len", "value_len", "key_vocab", "value_vocab", "template",
-                    "filler_words", "num_samples", "seed", "batch_size"):
-            if key in e:
-                command += [f"--{key.replace('_', '-')}", str(e[key])]
-        return command
-
-
-@dataclasses.dataclass
-class NiahOptions:
-    """``eval:`` of an experiment file: the options of ``lucid eval niah`` (unset ones keep its defaults)."""
-
-    lengths: list[int]
-    needles: Optional[int] = None
-    queries: Optional[int] = None
-    updates: Optional[int] = None
-    key_len: Optional[int] = None
-    value_len: Optional[int] = None
-    key_vocab: Optional[int] = None
-    value_vocab: Optional[int] = None
-    template: Optional[str] = None
-    filler_words: Optional[int] = None
-    num_samples: Optional[int] = None
-    seed: Optional[int] = None
-    batch_size: Optional[int] = None
-
-    def validate(self) -> None:
-        if not self.lengths or any(n < 1 for n in self.lengths):
-            raise ValueError(f"lengths={self.lengths!r} must be a non-empty list of positive integers")
+    def niah_arguments(self, run_dir: Path) -> list[str]:
+        """``lucid eval niah`` of the run's latest checkpoint, into RUN_DIR/niah.json."""
+        return niah_command(NiahOptions(**self.eval), checkpoints=[run_dir / "checkpoints"],
+                            out=run_dir / "niah.json")
 
 
 @dataclasses.dataclass
@@ -131,13 +100,14 @@ def _run_one(exp: Experiment, condition: str, seed: int, out: Path, extra: list[
     if not result_file.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-        train, evaluate = exp.command(condition, seed, run_dir, extra), exp.eval_command(run_dir)
-        atomic_write_text(run_dir / "command.txt", " ".join(train[2:]) + "\n" + " ".join(evaluate[2:]) + "\n")
+        commands = [exp.train_arguments(condition, seed, run_dir, extra), exp.niah_arguments(run_dir)]
+        atomic_write_text(run_dir / "command.txt", "".join(shell_text(arguments) + "\n" for arguments in commands))
         with open(run_dir / "log.txt", "a") as log:
-            for command in (train, evaluate):
-                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            for arguments in commands:
+                code = subprocess.run(process_command(arguments), stdout=log, stderr=subprocess.STDOUT,
+                                      env=env).returncode
                 if code != 0:
-                    raise RuntimeError(f"{condition} seed {seed}: `{' '.join(command[2:])}` exited {code}; "
+                    raise RuntimeError(f"{condition} seed {seed}: `{shell_text(arguments)}` exited {code}; "
                                        f"see {run_dir / 'log.txt'}")
         print(f"experiment: {condition} seed {seed} done", flush=True)
     results = json.loads(result_file.read_text())

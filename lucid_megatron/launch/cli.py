@@ -69,7 +69,7 @@ def _load_sweep(path: str) -> list[list[str]]:
 
 def _run_slurm(args) -> int:
     from lucid_megatron.config.train import load_train_config
-    from lucid_megatron.train.schedule import check_layout
+    from lucid_megatron.train.schedule import split_world
     from lucid_megatron.launch.node_layout import check_placement
     from lucid_megatron.launch.slurm import SlurmJob, render, submit, write_script
     from lucid_megatron.train.cli import default_run_dir
@@ -91,7 +91,7 @@ def _run_slurm(args) -> int:
         warnings = []
         for extra in sweep or [[]]:
             cfg = load_train_config(args.config, args.overrides + extra)
-            check_layout(cfg, job.world_size)
+            split_world(cfg, job.world_size)
             warnings += [w for w in check_placement(cfg, job.nodes, job.nproc_per_node) if w not in warnings]
         script = render(job)
     except (ConfigError, FileNotFoundError, ValueError) as err:

@@ -30,7 +30,7 @@ def fitting_a2a_group_size(cfg: TrainConfig, nproc_per_node: int) -> int | None:
 
 def check_placement(cfg: TrainConfig, nodes: int, nproc_per_node: int) -> list[str]:
     """Raise a ValueError when an ``a2a+p2p`` group would straddle nodes; return warnings (plain ``a2a``
-    across nodes). Call after ``check_layout`` (world size divisible by TP x CP)."""
+    across nodes). Call after ``split_world`` (world size divisible by TP x CP)."""
     parallel = cfg.parallel
     tp, a2a = parallel.tensor_parallel_size, parallel.a2a_group_size
     span = tp * a2a

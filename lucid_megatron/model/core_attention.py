@@ -9,12 +9,17 @@ keys/values with the (TP-local) KV-head count, so GQA is native.  The output is
 ``[s, b, heads * d]`` (``[t, heads * d]`` for THD).  Neither module has parameters: a LUCID
 checkpoint is shaped exactly like a Llama one.  With ``context_parallel_size > 1`` the local tokens are
 the zigzag share of every document (THD: ``cu_seqlens`` are the padded global boundaries) and attention
-runs through ``lucid_megatron.parallel`` (``cp_comm_type`` ``a2a`` or ``p2p``).
+runs through ``lucid_megatron.parallel`` (``cp_comm_type`` ``a2a``, ``p2p`` or ``a2a+p2p``).
+
+Both read the boundaries, the zigzag layout and the algorithm from one :class:`AttentionPlan`: the runtime's,
+carried by :class:`PackedDocuments`, or for other input (a plain ``PackedSeqParams``, SBHD) one they build
+from their config with :meth:`SoftmaxCoreAttention.plan_from_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -22,14 +27,12 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from lucid_megatron.ops import lucid_attention, softmax_attention
-from lucid_megatron.parallel.context import ZigzagLayout
 from lucid_megatron.config.parallel import check_a2a_heads
+from lucid_megatron.ops import lucid_attention, softmax_attention
 from lucid_megatron.parallel.cp_a2a import a2a_attention
 from lucid_megatron.parallel.cp_hybrid import hybrid_attention
 from lucid_megatron.parallel.cp_p2p import p2p_attention
-
-CP_COMM_TYPES = ("a2a", "p2p", "a2a+p2p")
+from lucid_megatron.parallel.plan import CP_COMM_TYPES, AttentionPlan, build_plan
 
 
 class SoftmaxCoreAttention(MegatronModule):
@@ -110,15 +113,16 @@ class SoftmaxCoreAttention(MegatronModule):
         """What the context-parallel attention functions need to know about this attention."""
         return dict(lucid=False, eps=1e-6, backend="auto")
 
-    def attend_context_parallel(self, q, k, v, layout: ZigzagLayout):
-        """The same attention with the sequence split over CP ranks (zigzag layout, [B, N_local, H, D])."""
+    def attend_context_parallel(self, q, k, v, plan: AttentionPlan):
+        """The same attention with the sequence split over CP ranks (the plan's zigzag layout and algorithm,
+        [B, N_local, H, D])."""
         common = dict(scale=self.softmax_scale, **self.context_parallel_options())
-        if self.cp_comm_type == "a2a":
-            return a2a_attention(q, k, v, layout, self.cp_group, **common)
-        if self.cp_comm_type == "a2a+p2p":
-            return hybrid_attention(q, k, v, layout, self.a2a_group, self.p2p_group, sub_chunks=self.cp_sub_chunks,
-                                    **common)
-        return p2p_attention(q, k, v, layout, self.cp_group, sub_chunks=self.cp_sub_chunks, **common)
+        if plan.cp_comm_type == "a2a":
+            return a2a_attention(q, k, v, plan.layout, self.cp_group, **common)
+        if plan.cp_comm_type == "a2a+p2p":
+            return hybrid_attention(q, k, v, plan.layout, self.a2a_group, self.p2p_group,
+                                    sub_chunks=self.cp_sub_chunks, **common)
+        return p2p_attention(q, k, v, plan.layout, self.cp_group, sub_chunks=self.cp_sub_chunks, **common)
 
     def forward(
         self,
@@ -145,30 +149,43 @@ class SoftmaxCoreAttention(MegatronModule):
                 raise ValueError(
                     f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r} is not supported; use 'thd'"
                 )
-            cu_seqlens = _self_attention_cu_seqlens(packed_seq_params)
+            plan = self._plan_of(packed_seq_params, query.device)
             # THD: [t, heads, d] -> one packed row [1, t, heads, d].
-            q, k, v = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if self.cp_size > 1:  # cu_seqlens are the padded global boundaries
-                layout = packed_seq_params.cp_layout if isinstance(packed_seq_params, PackedDocuments) else None
-                if layout is None:  # boundaries from elsewhere (not our runtime): derive the layout here
-                    bounds = cu_seqlens.tolist()
-                    layout = self._layout([b - a for a, b in zip(bounds, bounds[1:])])
-                out = self.attend_context_parallel(q, k, v, layout)
-            else:
-                out = self.attend(q, k, v, cu_seqlens)
+            out = self._attend_planned(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), plan)
             return out.reshape(out.shape[1], -1)
 
-        # SBHD: [s, b, heads, d] -> [b, s, heads, d]; output back to [s, b, heads * d].
+        # SBHD: [s, b, heads, d] -> [b, s, heads, d]; output back to [s, b, heads * d].  Every row is one
+        # document (under CP Megatron's zigzag split of it).
         q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        if self.cp_size > 1:  # Megatron's zigzag split of the whole sequence: one document per row
-            out = self.attend_context_parallel(q, k, v, self._layout([q.shape[1] * self.cp_size]))
-        else:
-            out = self.attend(q, k, v, None)
+        out = self._attend_planned(q, k, v, self.plan_from_config((0, q.shape[1] * self.cp_size), q.device))
         return out.transpose(0, 1).reshape(out.shape[1], out.shape[0], -1)
 
-    def _layout(self, doc_lengths: list[int]) -> ZigzagLayout:
-        rank = torch.distributed.get_rank(self.cp_group)
-        return ZigzagLayout(tuple(doc_lengths), self.cp_size, rank)
+    def _attend_planned(self, q, k, v, plan: AttentionPlan):
+        if plan.layout is None:
+            return self.attend(q, k, v, plan.operator_cu_seqlens())
+        return self.attend_context_parallel(q, k, v, plan)
+
+    def _plan_of(self, packed_seq_params: PackedSeqParams, device: torch.device) -> AttentionPlan:
+        """The runtime's plan, checked against this layer; for a plain ``PackedSeqParams`` one built here
+        (its boundaries read back from the device, once per layer call)."""
+        plan = packed_seq_params.plan if isinstance(packed_seq_params, PackedDocuments) else None
+        if plan is None:
+            return self.plan_from_config(_self_attention_cu_seqlens(packed_seq_params).tolist(), device)
+        expected = self.cp_comm_type if self.cp_size > 1 else None
+        if plan.cp_size != self.cp_size or plan.cp_comm_type != expected:
+            raise ValueError(
+                f"{type(self).__name__} (layer {self.layer_number}) was built for context_parallel_size="
+                f"{self.cp_size}, cp_comm_type={expected!r} (its process groups), but the attention plan of this "
+                f"batch says context_parallel_size={plan.cp_size}, cp_comm_type={plan.cp_comm_type!r}: start the "
+                "runtime with the model's parallel layout (start_runtime(..., cp_comm_type=parallel.cp_comm_type))"
+            )
+        return plan
+
+    def plan_from_config(self, cu_seqlens: Sequence[int], device: torch.device) -> AttentionPlan:
+        """The plan for input that did not come from the runtime: boundaries ``cu_seqlens`` (under CP the
+        padded global row), this layer's CP size, rank and algorithm."""
+        rank = torch.distributed.get_rank(self.cp_group) if self.cp_size > 1 else 0
+        return build_plan(cu_seqlens, device, cp_size=self.cp_size, cp_rank=rank, cp_comm_type=self.cp_comm_type)
 
 
 class LucidCoreAttention(SoftmaxCoreAttention):
@@ -197,25 +214,24 @@ class LucidCoreAttention(SoftmaxCoreAttention):
 
 @dataclasses.dataclass
 class PackedDocuments(PackedSeqParams):
-    """Megatron's THD parameters plus the document boundaries as host integers.
+    """Megatron's THD parameters carrying our attention plan.
 
-    Megatron's own code reads ``cu_seqlens_*`` (on the device); the LUCID/softmax core attention needs the
-    boundaries as Python integers and takes them from ``host_cu_seqlens``, so a layer never copies them
-    back from the device (no device-to-host synchronisation per layer).
+    Megatron's own code reads ``cu_seqlens_*`` and ``max_seqlen_*`` (filled from the plan: the boundaries on
+    the device); the LUCID/softmax core attention reads the plan, whose boundaries are host integers, so a
+    layer never copies them back from the device (no device-to-host synchronisation per layer).
     """
 
-    host_cu_seqlens: tuple[int, ...] | None = None
-    cp_layout: ZigzagLayout | None = None  # under context parallelism: built once per micro-batch, shared by layers
+    plan: AttentionPlan | None = None
+
+    @classmethod
+    def from_plan(cls, plan: AttentionPlan) -> "PackedDocuments":
+        cu = plan.cu_seqlens_device
+        return cls(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                   cu_seqlens_kv_padded=cu, max_seqlen_q=plan.max_seqlen, max_seqlen_kv=plan.max_seqlen, plan=plan)
 
 
-def _self_attention_cu_seqlens(packed_seq_params) -> torch.Tensor:
-    """Document boundaries of a packed self-attention batch (padded boundaries when present).
-
-    A host (CPU) int32 tensor when the boundaries are known on the host (:class:`PackedDocuments`); the
-    operators only read its values, never combine it with device tensors.
-    """
-    if isinstance(packed_seq_params, PackedDocuments) and packed_seq_params.host_cu_seqlens is not None:
-        return torch.tensor(packed_seq_params.host_cu_seqlens, dtype=torch.int32)
+def _self_attention_cu_seqlens(packed_seq_params: PackedSeqParams) -> torch.Tensor:
+    """Document boundaries of a plain packed self-attention batch (padded boundaries when present)."""
     cu_q = packed_seq_params.cu_seqlens_q_padded
     if cu_q is None:
         cu_q = packed_seq_params.cu_seqlens_q

@@ -12,7 +12,7 @@ from lucid_megatron.config import ModelConfig, ParallelConfig
 from lucid_megatron.config.parallel import check_model_fits
 
 from lucid_megatron.parallel.cpu_shim import apply_cpu_shim
-from .specs import get_lucid_block_spec, transformer_engine_import_error
+from .specs import get_lucid_block_spec, require_transformer_engine
 
 
 def transformer_config(
@@ -91,11 +91,8 @@ def build_gpt_model(
     """
     parallel = parallel or ParallelConfig()
     check_model_fits(model, parallel)
-    if transformer_engine and transformer_engine_import_error() is not None:
-        raise ImportError(
-            "transformer_engine=True needs Transformer Engine on a GPU machine; it cannot be "
-            f"imported here ({transformer_engine_import_error()}). Use transformer_engine=False."
-        )
+    if transformer_engine:
+        require_transformer_engine("transformer_engine=True")
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("initialise the parallel state first (lucid_megatron.parallel.state.initialize_parallel)")
     actual = (

@@ -13,6 +13,7 @@ layers of a mixed pattern), and, in the local spec, the norms become the sequenc
 from __future__ import annotations
 
 import copy
+import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -22,14 +23,29 @@ from .core_attention import LucidCoreAttention, SoftmaxCoreAttention
 from .norms import Norm
 
 
+@functools.cache
 def transformer_engine_import_error() -> str | None:
-    """None if Transformer Engine can be used here, else why not."""
+    """None if Transformer Engine can be used here, else why not.
+
+    The one place that decides it, once per process (a failed import is not cached by Python, and TE's
+    own import errors can be slow to reach): everything else, specs, model builder and runtime, asks here.
+    """
     try:
         import transformer_engine  # noqa: F401
         from megatron.core.extensions.transformer_engine import TENorm  # noqa: F401
     except Exception as err:  # ImportError, or TE's own errors without a GPU / cuDNN
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def require_transformer_engine(needed_by: str) -> None:
+    """Raise ImportError naming ``needed_by`` and why Transformer Engine is missing, if it is."""
+    problem = transformer_engine_import_error()
+    if problem is not None:
+        raise ImportError(
+            f"{needed_by} needs Transformer Engine on a GPU machine (pip install '.[gpu]'); it cannot be "
+            f"imported here ({problem}). Use the local spec (transformer_engine=False) instead."
+        )
 
 
 def core_attention_spec(lucid: bool, *, lucid_eps: float = 1e-6, backend: str = "auto",
@@ -55,13 +71,7 @@ def get_lucid_layer_local_spec(lucid: bool = True, *, lucid_eps: float = 1e-6, b
 def get_lucid_layer_te_spec(lucid: bool = True, *, lucid_eps: float = 1e-6, backend: str = "auto",
                             cp_sub_chunks: int = 1) -> ModuleSpec:
     """Megatron's Transformer Engine GPT layer (fused norm+linear) with LUCID/softmax core attention."""
-    problem = transformer_engine_import_error()
-    if problem is not None:
-        raise ImportError(
-            "the Transformer Engine layer spec needs transformer-engine on a GPU machine "
-            f"(pip install '.[gpu]'); it cannot be imported here ({problem}). "
-            "Use the local spec (transformer_engine: false) instead."
-        )
+    require_transformer_engine("the Transformer Engine layer spec")
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())

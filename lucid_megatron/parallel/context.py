@@ -12,10 +12,14 @@ import dataclasses
 import itertools
 import math
 from collections import defaultdict
+from collections.abc import Hashable, Sequence
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from lucid_megatron.data.loader import MicroBatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +27,14 @@ class ZigzagLayout:
     doc_lengths: tuple[int, ...]  # padded global length of each document, multiples of 2 * cp_size
     cp_size: int
     cp_rank: int
+    # index tensors copied to a device, by (name, device): see device_copy
+    _on_device: dict[tuple[Hashable, torch.device], torch.Tensor] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def of_boundaries(cls, cu_seqlens: Sequence[int], cp_size: int, cp_rank: int) -> "ZigzagLayout":
+        """The layout of a row whose (padded, global) document boundaries are ``cu_seqlens``."""
+        return cls(tuple(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])), cp_size, cp_rank)
 
     def __post_init__(self):
         bad = [n for n in self.doc_lengths if n <= 0 or n % (2 * self.cp_size)]
@@ -91,6 +103,15 @@ class ZigzagLayout:
     def gathered_from_natural(self) -> torch.Tensor:
         return torch.argsort(self.natural_from_gathered)
 
+    def device_copy(self, name: Hashable, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``host`` (an index tensor derived from this layout, known as ``name``) on ``device``, copied once:
+        the runtime builds one layout per micro-batch, so every layer of its forward and backward shares
+        the copy instead of moving the index to the device on each call."""
+        key = (name, torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = host.to(device)
+        return self._on_device[key]
+
 
 # ---- collectives, with the bytes each rank receives counted (for benchmarks) -------------------
 
@@ -158,13 +179,21 @@ def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 # ---- splitting a micro-batch over CP ranks --------------------------------------------------------
 
 
-def split_micro_batch(micro_batch, cp_size: int, cp_rank: int, *, multiple_of: int = 1):
-    """This CP rank's share of a packed micro-batch (a new MicroBatch) in the zigzag layout.
+class ZigzagShare(NamedTuple):
+    """This CP rank's share of a packed micro-batch (see :func:`split_micro_batch`), on the host."""
+
+    micro_batch: MicroBatch  # the local tokens; cu_seqlens/max_seqlen describe the padded global row
+    source_positions: torch.Tensor  # int64: each local token's index in the unsplit row, -1 for padding
+
+
+def split_micro_batch(micro_batch: MicroBatch, cp_size: int, cp_rank: int, *, multiple_of: int = 1) -> ZigzagShare:
+    """This CP rank's share of a packed micro-batch in the zigzag layout, and where its tokens came from.
 
     Each document (segment of ``cu_seqlens``) is padded to a multiple of ``2 * cp_size`` with token 0 of
     loss weight 0; one more padding segment makes the local length a multiple of ``multiple_of`` (the TP
     size under sequence parallelism).  ``cu_seqlens``/``max_seqlen`` then describe the padded *global*
-    row, which is what Megatron's THD RoPE and the LUCID core attention expect.
+    row, which is what Megatron's THD RoPE and the LUCID core attention expect; the layout follows from
+    them (``ZigzagLayout.of_boundaries``).
     """
     bounds = micro_batch.cu_seqlens.tolist()
     unit = 2 * cp_size
@@ -193,15 +222,13 @@ def split_micro_batch(micro_batch, cp_size: int, cp_rank: int, *, multiple_of: i
         return torch.where(real, values, torch.full_like(values, fill)).reshape(1, -1)
 
     positions = torch.cat([torch.arange(p) for p in padded])[layout.local_positions]
-    return dataclasses.replace(
+    share = dataclasses.replace(
         micro_batch,
         tokens=local(micro_batch.tokens, 0),
         labels=local(micro_batch.labels, 0),
         loss_weight=local(micro_batch.loss_weight, 0.0),
         position_ids=positions.reshape(1, -1),
         cu_seqlens=torch.tensor([0, *itertools.accumulate(padded)], dtype=torch.int32),
-        cu_seqlens_host=None,
         max_seqlen=max(padded),
-        cp_layout=layout,
-        source_positions=picked,
     )
+    return ZigzagShare(share, picked)

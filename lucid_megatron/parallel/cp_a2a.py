@@ -8,6 +8,8 @@ reverse.  KV heads are replicated first when there are fewer of them than CP ran
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from lucid_megatron.config.parallel import check_a2a_heads
@@ -69,17 +71,15 @@ def a2a_attention(q, k, v, layout: ZigzagLayout, group, *, lucid: bool, eps: flo
     """q [B, T_local, Hq, D], k [B, T_local, Hkv, D], v [B, T_local, Hkv, Dv] in the zigzag layout."""
     check_a2a_heads(q.shape[2], k.shape[2], layout.cp_size)
     k, v = replicate_kv_heads(k, v, layout.cp_size)
-    natural = layout.natural_from_gathered.to(q.device)
+    natural = layout.device_copy("natural_from_gathered", layout.natural_from_gathered, q.device)
     q, k, v = (SequenceToHeads.apply(x, group).index_select(1, natural) for x in (q, k, v))
+    # The operators read boundaries as host integers: a host tensor, so no device-to-host copy per call.
     cu = None
     if len(layout.doc_lengths) > 1:
-        bounds = [0]
-        for n in layout.doc_lengths:
-            bounds.append(bounds[-1] + n)
-        cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+        cu = torch.tensor([0, *itertools.accumulate(layout.doc_lengths)], dtype=torch.int32)
     if lucid:
         out = lucid_attention(q, k, v, cu_seqlens=cu, eps=eps, softmax_scale=scale, backend=backend)
     else:
         out = softmax_attention(q, k, v, cu_seqlens=cu, softmax_scale=scale)
-    out = out.index_select(1, layout.gathered_from_natural.to(q.device))
-    return HeadsToSequence.apply(out, group)
+    gathered = layout.device_copy("gathered_from_natural", layout.gathered_from_natural, q.device)
+    return HeadsToSequence.apply(out.index_select(1, gathered), group)

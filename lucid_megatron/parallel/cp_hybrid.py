@@ -53,8 +53,8 @@ def hybrid_attention(q, k, v, layout: ZigzagLayout, a2a_group, p2p_group, *, luc
         raise ValueError(f"a2a group ({a2a_size}) x p2p group ({groups}) != context-parallel size {layout.cp_size}")
     check_a2a_heads(q.shape[2], k.shape[2], a2a_size, "a2a+p2p")
     k, v = replicate_kv_heads(k, v, a2a_size)
-    outer, index = _group_layout(layout, a2a_size)
-    index = index.to(q.device)
+    outer, host_index = _group_layout(layout, a2a_size)
+    index = layout.device_copy(("a2a group order", a2a_size), host_index, q.device)
     q, k, v = (SequenceToHeads.apply(x, a2a_group).index_select(1, index) for x in (q, k, v))
     out = p2p_attention(q, k, v, outer, p2p_group, lucid=lucid, eps=eps, scale=scale, sub_chunks=sub_chunks,
                         backend=backend, block_cols=block_cols)

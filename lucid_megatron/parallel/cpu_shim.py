@@ -1,10 +1,14 @@
-"""Let megatron-core (0.16.1) run on a machine without CUDA, under gloo.
+"""Let megatron-core (0.16.1) and DeepSpeed run on a machine without CUDA, under gloo.
 
 Megatron-core's model code is device-agnostic except for a handful of calls into ``torch.cuda``.
 On a machine where CUDA is unavailable each of those calls can only raise (or, for the lazy
-seeding call, silently do nothing), so redirecting them to the CPU changes no behaviour that
-worked before.  :func:`apply_cpu_shim` installs the redirections once, and only when
-``torch.cuda.is_available()`` is False; on a GPU machine it does nothing.
+seeding call, silently do nothing), so redirecting them to the CPU (patches 1-4) changes no behaviour
+that worked before.  DeepSpeed's CPU accelerator would compile a C++ op that training never uses in
+every process that starts an engine; patch 5 marks it unavailable (the CUDA accelerator has no such op,
+so there is nothing to skip on a GPU machine).  :func:`apply_cpu_shim` installs the patches once, and
+only when ``torch.cuda.is_available()`` is False; on a GPU machine it does nothing.  Patch 5 needs
+DeepSpeed imported, so only callers about to start an engine ask for it (``deepspeed=True``): model
+building, evaluation and conversion never load DeepSpeed for it.
 
 This is the ONLY place in the project that patches another library.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-_applied = False
+_applied: set[str] = set()  # patch groups installed in this process: "megatron_core", "deepspeed"
 
 
 def _cpu_get_rng_state(device=None, clone=False, graph_safe=False):
@@ -26,13 +30,7 @@ def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
-def apply_cpu_shim() -> bool:
-    """Install the CPU redirections if CUDA is unavailable. Returns whether they are active."""
-    global _applied
-    if torch.cuda.is_available():
-        return False
-    if _applied:
-        return True
+def _patch_megatron_core() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
     # 1. RNG tracker (CudaRNGStatesTracker.fork, used by model_parallel_cuda_manual_seed and the
@@ -58,9 +56,35 @@ def apply_cpu_shim() -> bool:
     #    no device stream to wait for on CPU.
     torch.cuda.synchronize = lambda device=None: None
 
-    _applied = True
+
+def _patch_deepspeed() -> None:
+    import deepspeed.ops
+
+    # 5. DeepSpeed's communication backend builds its shared-memory all-reduce op
+    #    (deepspeed_shm_comm) when an engine starts on the CPU accelerator, in every process: minutes
+    #    of C++ compilation on first use, into a cache every environment shares (so two environments
+    #    rebuild it in turn), and prints "built successfully".  Only the inference all-reduce (kernel
+    #    injection) uses it; training collectives go through torch.distributed (gloo) either way.
+    #    DeepSpeed consults its op table before building, so marking the op incompatible there skips
+    #    the build and the shared memory.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def apply_cpu_shim(*, deepspeed: bool = False) -> bool:
+    """Install the CPU patches if CUDA is unavailable. Returns whether they are active.
+
+    ``deepspeed=True`` also installs patch 5 (for a caller about to start a DeepSpeed engine). Idempotent.
+    """
+    if torch.cuda.is_available():
+        return False
+    if "megatron_core" not in _applied:
+        _patch_megatron_core()
+        _applied.add("megatron_core")
+    if deepspeed and "deepspeed" not in _applied:
+        _patch_deepspeed()
+        _applied.add("deepspeed")
     return True
 
 
 def cpu_shim_active() -> bool:
-    return _applied
+    return "megatron_core" in _applied

@@ -7,7 +7,8 @@ package must not import them first.
 
 import importlib
 
-_FROM_PLACEMENT = ("CollectiveTimeout", "Runtime", "default_device", "start_runtime", "stop_runtime")
+_FROM_PLACEMENT = ("CollectiveTimeout", "PlacedMicroBatch", "Runtime", "default_device", "start_runtime",
+                   "stop_runtime")
 
 __all__ = list(_FROM_PLACEMENT)
 

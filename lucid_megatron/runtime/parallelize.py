@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from lucid_megatron.config import ModelConfig, ParallelConfig
 from lucid_megatron.model.gpt import build_gpt_model
 from lucid_megatron.model.specs import transformer_engine_import_error
+from lucid_megatron.parallel.cpu_shim import apply_cpu_shim
 
 from .placement import Runtime
 
@@ -36,10 +37,11 @@ def check_spec(spec: str) -> None:
     """Refuse ``te`` where Transformer Engine cannot be imported, saying how to get it (no process group needed)."""
     if spec not in SPECS:
         raise ValueError(f"model.spec={spec!r} is not allowed; allowed: {', '.join(SPECS)}")
-    if spec == "te" and transformer_engine_import_error() is not None:
+    problem = transformer_engine_import_error() if spec == "te" else None
+    if problem is not None:
         raise ValueError(
             "model.spec=te needs Transformer Engine, which cannot be imported here "
-            f"({transformer_engine_import_error()}). On a GPU machine with a CUDA build of PyTorch: "
+            f"({problem}). On a GPU machine with a CUDA build of PyTorch: "
             "pip install --no-build-isolation 'transformer-engine[pytorch]' (or pip install '.[gpu]'); "
             "otherwise use model.spec=local"
         )
@@ -120,6 +122,7 @@ class EngineOptions:
     zero_stage: int
     grad_clip: float
     bf16: bool
+    allow_untested_deepspeed: bool = False
 
 
 def deepspeed_config(options: EngineOptions) -> dict:
@@ -140,20 +143,6 @@ def deepspeed_config(options: EngineOptions) -> dict:
     }
 
 
-def _skip_shared_memory_comm_op() -> None:
-    """Keep DeepSpeed from compiling its shared-memory all-reduce op (``deepspeed_shm_comm``).
-
-    On the CPU accelerator DeepSpeed's communication backend compiles that C++ op when it starts, in every
-    process (minutes on first use, into a cache every environment shares, so two environments rebuild it
-    in turn) and prints "built successfully". Only its inference all-reduce (kernel injection) uses the
-    op; training collectives go through torch.distributed (gloo) either way. Marking it incompatible in
-    DeepSpeed's op table, which DeepSpeed consults before building, skips the build and the shared memory.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def build_engine(model: torch.nn.Module, options: EngineOptions):
     """A DeepSpeed engine around ``model`` (already on its device) with torch's AdamW (no fused-Adam build).
 
@@ -161,7 +150,10 @@ def build_engine(model: torch.nn.Module, options: EngineOptions):
     """
     import deepspeed
 
-    _skip_shared_memory_comm_op()
+    from . import deepspeed_adapter
+
+    deepspeed_adapter.check_version(options.allow_untested_deepspeed)
+    apply_cpu_shim(deepspeed=True)  # no CUDA: DeepSpeed must not compile an op training never uses
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         (no_decay if p.dim() == 1 else decay).append(p)
@@ -172,4 +164,5 @@ def build_engine(model: torch.nn.Module, options: EngineOptions):
     optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=options.betas, eps=options.eps, foreach=False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(options),
                                            mpu=MegatronMPU())
+    deepspeed_adapter.check_engine(engine)  # what checkpoints will read is there, before any step
     return engine

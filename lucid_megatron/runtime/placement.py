@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from lucid_megatron.data.loader import MicroBatch
 from lucid_megatron.model.core_attention import PackedDocuments
 from lucid_megatron.parallel.context import split_micro_batch
+from lucid_megatron.parallel.plan import AttentionPlan, CpCommType, build_plan
 from lucid_megatron.parallel.state import destroy_parallel, initialize_parallel
 
 
@@ -37,6 +40,7 @@ class Runtime:
     context_parallel: int
     sequence_parallel: bool = False
     collective_timeout_s: float = 600.0
+    cp_comm_type: CpCommType = "p2p"  # the context-parallel algorithm every micro-batch's plan names
 
     @property
     def world_size(self) -> int:
@@ -55,29 +59,39 @@ class Runtime:
         return parallel_state.get_context_parallel_group()
 
     @classmethod
-    def current(cls) -> "Runtime":
-        """The runtime of process groups someone else started (Megatron's state must be initialised)."""
+    def current(cls, *, cp_comm_type: CpCommType = "p2p") -> "Runtime":
+        """The runtime of process groups someone else started (Megatron's state must be initialised); Megatron
+        does not record the context-parallel algorithm, so the caller names it."""
         if not parallel_state.model_parallel_is_initialized():
             raise RuntimeError("no parallel state: start it with lucid_megatron.runtime.start_runtime")
         return cls(default_device(), parallel_state.get_tensor_model_parallel_world_size(),
-                   parallel_state.get_context_parallel_world_size())
+                   parallel_state.get_context_parallel_world_size(), cp_comm_type=cp_comm_type)
 
     # ---- batches -----------------------------------------------------------------------------
 
-    def micro_batch(self, micro_batch):
-        """This rank's share of a packed micro-batch (its zigzag chunks under CP), on the device.
+    def micro_batch(self, micro_batch: MicroBatch) -> "PlacedMicroBatch":
+        """This rank's share of a packed micro-batch (its zigzag chunks under CP) on the device, with the
+        attention plan of its forward.
 
-        The split needs the document boundaries on the host, so it runs before the copy; the copy
-        moves tokens, labels, loss weights, positions and ``cu_seqlens`` once.
+        The split and the plan need the document boundaries on the host, so they come first; then tokens,
+        labels, loss weights, positions and the index map move to the device once (the plan copies the
+        boundaries there on first use, for Megatron's RoPE).
         """
+        source_positions = None
+        cp_rank = 0
         if self.context_parallel > 1:
             multiple = self.tensor_parallel if self.sequence_parallel else 1
-            micro_batch = split_micro_batch(
-                micro_batch, self.context_parallel, parallel_state.get_context_parallel_rank(), multiple_of=multiple
-            )
-        return micro_batch.to(self.device)
+            cp_rank = parallel_state.get_context_parallel_rank()
+            micro_batch, source_positions = split_micro_batch(micro_batch, self.context_parallel, cp_rank,
+                                                              multiple_of=multiple)
+        plan = build_plan(micro_batch.cu_seqlens.tolist(), self.device, cp_size=self.context_parallel,
+                          cp_rank=cp_rank, cp_comm_type=self.cp_comm_type,
+                          source_positions=source_positions)
+        moved = {name: getattr(micro_batch, name).to(self.device, non_blocking=True)
+                 for name in ("tokens", "labels", "loss_weight", "position_ids")}
+        return PlacedMicroBatch(plan=plan, **moved)
 
-    def micro_batches(self, micro_batches) -> list:
+    def micro_batches(self, micro_batches: Iterable[MicroBatch]) -> list["PlacedMicroBatch"]:
         return [self.micro_batch(mb) for mb in micro_batches]
 
     # ---- collectives -------------------------------------------------------------------------
@@ -134,19 +148,22 @@ class Runtime:
         return values.tolist()
 
 
-def packed_seq_params(micro_batch) -> PackedDocuments:
-    """THD boundaries of the (padded, under CP: global) row; max_seqlen is the longest document, which
-    Megatron's THD RoPE needs to restart positions per document.  The boundaries travel on the device
-    (Megatron's code) and on the host (our attention layers)."""
-    cu = micro_batch.cu_seqlens
-    host = micro_batch.cu_seqlens_host
-    if host is None and cu.device.type == "cpu":
-        host = tuple(int(x) for x in cu.tolist())
-    return PackedDocuments(
-        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
-        max_seqlen_q=micro_batch.max_seqlen, max_seqlen_kv=micro_batch.max_seqlen, host_cu_seqlens=host,
-        cp_layout=micro_batch.cp_layout,
-    )
+@dataclasses.dataclass(frozen=True)
+class PlacedMicroBatch:
+    """A micro-batch ready for the model: this rank's tokens on the device and the plan its attention reads
+    (the host-side bookkeeping, stream states and row indices, stays with the loader's :class:`MicroBatch`)."""
+
+    tokens: torch.Tensor  # [1, T_local] int64
+    labels: torch.Tensor  # [1, T_local] int64
+    loss_weight: torch.Tensor  # [1, T_local] float32
+    position_ids: torch.Tensor  # [1, T_local] int64, restarting at 0 in every (padded) document
+    plan: AttentionPlan
+
+
+def packed_seq_params(placed: PlacedMicroBatch) -> PackedDocuments:
+    """Megatron's THD parameters for a placed micro-batch: its plan, whose device boundaries fill Megatron's
+    ``cu_seqlens_*`` (max_seqlen, the longest document, lets its THD RoPE restart positions per document)."""
+    return PackedDocuments.from_plan(placed.plan)
 
 
 class CollectiveTimeout(RuntimeError):
@@ -154,9 +171,13 @@ class CollectiveTimeout(RuntimeError):
 
 
 def start_runtime(tensor_parallel: int = 1, context_parallel: int = 1, *, sequence_parallel: bool = False,
-                  hierarchical_context_parallel_sizes: list[int] | None = None, seed: int = 1234,
-                  device: torch.device | None = None, collective_timeout_s: float = 600.0) -> Runtime:
+                  cp_comm_type: CpCommType = "p2p", hierarchical_context_parallel_sizes: list[int] | None = None,
+                  seed: int = 1234, device: torch.device | None = None,
+                  collective_timeout_s: float = 600.0) -> Runtime:
     """Process groups (NCCL on GPU, gloo on CPU), Megatron's TP/CP/DP groups, seeds, and the device.
+
+    ``cp_comm_type`` (``parallel.cp_comm_type``) goes into the attention plan of every micro-batch; the
+    model's attention layers refuse a plan that names another algorithm than the one they were built for.
 
     ``device`` defaults to :func:`default_device`; the current CUDA device is set to it before any
     group exists, so NCCL and Megatron's ``torch.cuda.current_device()`` agree with it.
@@ -166,7 +187,7 @@ def start_runtime(tensor_parallel: int = 1, context_parallel: int = 1, *, sequen
         torch.cuda.set_device(device)
     initialize_parallel(tensor_parallel, context_parallel, seed=seed, timeout_minutes=collective_timeout_s / 60,
                         hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes)
-    return Runtime(device, tensor_parallel, context_parallel, sequence_parallel, collective_timeout_s)
+    return Runtime(device, tensor_parallel, context_parallel, sequence_parallel, collective_timeout_s, cp_comm_type)
 
 
 def stop_runtime() -> None:

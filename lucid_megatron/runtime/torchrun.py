@@ -1,4 +1,7 @@
-"""Run ``lucid train`` (or ``lucid eval``) under torchrun on this machine; preemption signals reach the workers."""
+"""Run ``lucid train`` (or ``lucid eval``) under torchrun on this machine; preemption signals reach the workers.
+
+The argument lists come from ``runtime/commands.py``.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +13,10 @@ import threading
 
 import psutil
 
+from .commands import torchrun_command
 from .process import threads_per_process
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-def train_arguments(config: str, run_dir: str, overrides: list[str], resume: str | None) -> list[str]:
-    args = ["train", config, "--run-dir", str(run_dir)]
-    for assignment in overrides:
-        args += ["--set", assignment]
-    if resume:
-        args += ["--resume", resume]
-    return args
 
 
 def run_torchrun(nproc_per_node: int, arguments: list[str], *, stop_grace_s: float = 300.0) -> int:
@@ -32,8 +27,7 @@ def run_torchrun(nproc_per_node: int, arguments: list[str], *, stop_grace_s: flo
     SIGTERM or SIGINT the workers get ``stop_grace_s`` seconds; then the whole tree is killed (SIGKILL),
     saying so, so that a worker stuck in a collective cannot keep the job alive.
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc_per_node}", "-m", "lucid_megatron", *arguments]
+    command = torchrun_command(nproc_per_node, arguments)
     # Each worker gets its share of the cores (torchrun would set 1, with a warning, when this is unset).
     threads = threads_per_process(nproc_per_node)
     proc = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
 def add_arguments(parser) -> None:
+    from lucid_megatron.selftest import gpu as selftest_gpu  # light: the parts import torch when they run
+
     sub = parser.add_subparsers(dest="selftest_command", metavar="{gpu}", required=True)
-    gpu = sub.add_parser("gpu", help="acceptance run on one GPU: kernels, bf16/TE training, resume, HF parity, timings")
+    names = ", ".join(part.name for part in selftest_gpu.PARTS)
+    gpu = sub.add_parser("gpu", help=f"acceptance run on one GPU: {names}", description=selftest_gpu.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu.add_argument("--out", required=True, help="directory for results.json, results.md, runs and logs")
     gpu.add_argument("--cpu-smoke", action="store_true",
                      help="every code path at toy sizes on CPU (Triton under its interpreter): what CI runs")
@@ -18,13 +23,14 @@ def run(args) -> int:
     import os
     import subprocess
 
+    from lucid_megatron.runtime.commands import process_command
     from lucid_megatron.selftest.gpu import run_selftest
 
     if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
         # Triton picks its interpreter when it is first imported (this process may have imported it
         # already, through transformers): run the smoke in a fresh process that chooses it up front.
         env = dict(os.environ, TRITON_INTERPRET="1")
-        return subprocess.run([sys.executable, "-m", "lucid_megatron", *args._argv], env=env).returncode
+        return subprocess.run(process_command(args._argv), env=env).returncode
 
     try:
         return run_selftest(args.out, cpu_smoke=args.cpu_smoke, budget_s=args.budget)

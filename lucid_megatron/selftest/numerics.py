@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from lucid_megatron.numerics import relative_error
+
 KINDS = ("random", "correlated")
 
 
@@ -34,8 +36,8 @@ def _errors(fn, inputs, dtype):
     exact = [x.detach().double().requires_grad_() for x in low]
     want = fn(*exact)
     want_grads = torch.autograd.grad(want, exact, grad.to(dtype).double())
-    rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()  # noqa: E731
-    return {name: rel(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *low_grads), (want, *want_grads))}
+    return {name: relative_error(a, b)
+            for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *low_grads), (want, *want_grads))}
 
 
 def error_table(device, n: int = 256, heads: int = 2, d: int = 64, dtype=torch.bfloat16, seed: int = 0) -> list[dict]:

@@ -34,8 +34,7 @@ def _fail(message: str) -> int:
 
 def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
     """Everything that can be checked before a process group exists (raises ConfigError)."""
-    from lucid_megatron.train.schedule import check_layout
-    from lucid_megatron.data import loader as data_loader
+    from lucid_megatron.train.validate import check_dataset, open_dataset, split_world
     from lucid_megatron.data.shards import read_manifest
     from lucid_megatron.checkpoint import Checkpointer, resolve_checkpoint
     from lucid_megatron.train.run_lock import RunDirBusy, check_free
@@ -46,23 +45,14 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
     from lucid_megatron.runtime import default_device
     from lucid_megatron.runtime.parallelize import check_spec, params_dtype
 
-    layout = check_layout(cfg, world_size)
+    layout = split_world(cfg, world_size)
     check_spec(cfg.model.spec)
     if params_dtype(cfg.train.precision, default_device()) == torch.bfloat16 and cfg.train.zero_stage == 0:
         raise ConfigError(f"train.{BF16_NEEDS_ZERO} (train.precision={cfg.train.precision} means bf16 here)")
-    manifest_path = Path(cfg.data.path) / "manifest.json"
-    if manifest_path.exists():
-        manifest = read_manifest(cfg.data.path)
-        try:
-            data_loader.check_layout(manifest, cfg.data.num_streams, layout.data_parallel, cfg.data.num_workers,
-                                     cfg.train.global_batch_size)
-        except ValueError as err:
-            raise ConfigError(f"data: {err}") from None
-        if manifest.tokenizer["vocab_size"] > cfg.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset tokenizer's "
-                f"{manifest.tokenizer['vocab_size']} tokens ({manifest_path})"
-            )
+    if cfg.data.sources:
+        check_dataset(cfg, open_dataset(cfg), layout)  # every source: present, one tokenizer, enough shards
+    elif (Path(cfg.data.path) / "manifest.json").exists():
+        check_dataset(cfg, read_manifest(cfg.data.path), layout)
     elif cfg.data.synth is None:
         raise ConfigError(
             f"data.path: {cfg.data.path!r} has no manifest.json and data.synth is not set; make a dataset with "
@@ -170,7 +160,8 @@ def run(args) -> int:
             print(f"lucid train: stopped: {err}", file=sys.stderr, flush=True)
             return 1
 
-    from lucid_megatron.runtime.torchrun import run_torchrun, train_arguments
+    from lucid_megatron.runtime.commands import train_command
+    from lucid_megatron.runtime.torchrun import run_torchrun
 
-    return run_torchrun(nproc, train_arguments(args.config, run_dir, args.overrides, args.resume),
+    return run_torchrun(nproc, train_command(args.config, run_dir, overrides=args.overrides, resume=args.resume),
                         stop_grace_s=cfg.launch.stop_grace_s)

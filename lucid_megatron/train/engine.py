@@ -6,21 +6,24 @@ Each rank scales its local sum so that DeepSpeed's average over the data x conte
 turns the sum of local gradients into that global mean, whatever the DP size, CP size and number
 of micro-batches.
 
-Micro-batches arrive placed (this rank's share, on the runtime's device: ``Runtime.micro_batch``);
-every tensor that enters a collective is made on that device by the runtime.
+Micro-batches arrive placed (:class:`PlacedMicroBatch`: this rank's share on the runtime's device, with
+the attention plan of its forward, from ``Runtime.micro_batch``); every tensor that enters a collective is
+made on that device by the runtime.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from lucid_megatron.data.loader import MicroBatch
 from lucid_megatron.runtime import Runtime
-from lucid_megatron.runtime.placement import packed_seq_params
+from lucid_megatron.runtime.placement import PlacedMicroBatch, packed_seq_params
 
 
 @dataclasses.dataclass
@@ -32,7 +35,7 @@ class StepResult:
     nonfinite_micro_batches: int
 
 
-def micro_batch_loss_sum(model, micro_batch) -> torch.Tensor:
+def micro_batch_loss_sum(model, micro_batch: PlacedMicroBatch) -> torch.Tensor:
     """Sum over the micro-batch of per-token cross-entropy x loss weight (float32 scalar on the device)."""
     per_token = model(
         micro_batch.tokens, micro_batch.position_ids, None, labels=micro_batch.labels,
@@ -41,7 +44,7 @@ def micro_batch_loss_sum(model, micro_batch) -> torch.Tensor:
     return (per_token.float() * micro_batch.loss_weight).sum()
 
 
-def train_step(engine, runtime: Runtime, micro_batches: list, lr: float) -> StepResult:
+def train_step(engine, runtime: Runtime, micro_batches: list[PlacedMicroBatch], lr: float) -> StepResult:
     """One optimizer step over this rank's (placed) micro-batches of the global batch.
 
     A micro-batch whose loss is non-finite on any rank is dropped (no backward) on every rank;
@@ -74,7 +77,8 @@ def train_step(engine, runtime: Runtime, micro_batches: list, lr: float) -> Step
 
 
 @torch.no_grad()
-def evaluate(engine, runtime: Runtime, micro_batches, padding) -> tuple[float, int]:
+def evaluate(engine, runtime: Runtime, micro_batches: Iterable[PlacedMicroBatch],
+             padding: PlacedMicroBatch) -> tuple[float, int]:
     """Weighted mean loss over this rank's (placed) share of the validation rows, reduced over DP x CP.
 
     Every rank runs the same number of forward passes, topping up with ``padding`` (a placed micro-batch of
@@ -94,7 +98,7 @@ def evaluate(engine, runtime: Runtime, micro_batches, padding) -> tuple[float, i
     return loss / max(weight, 1.0), int(weight)
 
 
-def rows_digest(runtime: Runtime, micro_batches, seq_length: int) -> int:
+def rows_digest(runtime: Runtime, micro_batches: list[MicroBatch], seq_length: int) -> int:
     """Order-independent fingerprint of the rows of a step, summed over data-parallel ranks.
 
     Computed from the loader's host tensors (before placement): proves which data ran, costs no device copy.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from lucid_megatron import atomic
 from lucid_megatron.config.model import parse_lucid_layers
 from lucid_megatron.config.train import TrainConfig
 from lucid_megatron.data.synth import RetrievalTask
+from lucid_megatron.runtime.commands import NiahOptions, niah_command, process_command, shell_text
 
 from .signals import PreemptionFlag
 from .status import read_status, write_status
@@ -56,14 +56,10 @@ def model_label(cfg: TrainConfig) -> str:
 
 def niah_arguments(cfg: TrainConfig, checkpoint: Path, out: Path, plot: Path) -> list[str]:
     """The ``lucid eval niah`` arguments that score ``checkpoint`` as the final_eval section says."""
-    fe, task = cfg.final_eval, cfg.final_eval_task()
-    return ["eval", "niah", "--checkpoint", str(checkpoint), "--label", model_label(cfg),
-            "--lengths", *map(str, fe.lengths), "--needles", str(task.num_needles),
-            "--queries", str(task.num_queries), "--updates", str(task.updates), "--key-len", str(task.key_len),
-            "--value-len", str(task.value_len), "--key-vocab", str(task.key_vocab),
-            "--value-vocab", str(task.value_vocab), "--template", task.template,
-            "--filler-words", str(task.filler_words), "--num-samples", str(fe.num_samples),
-            "--batch-size", str(fe.batch_size), "--seed", str(fe.seed), "--out", str(out), "--plot", str(plot)]
+    fe = cfg.final_eval
+    options = NiahOptions.of_task(cfg.final_eval_task(), fe.lengths, num_samples=fe.num_samples,
+                                  batch_size=fe.batch_size, seed=fe.seed)
+    return niah_command(options, checkpoints=[checkpoint], labels=[model_label(cfg)], out=out, plot=plot)
 
 
 def finished_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
@@ -84,8 +80,7 @@ def _run_child(arguments: list[str], preemption: PreemptionFlag) -> subprocess.C
     if preemption.received:
         return None
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:  # no pipe to drain
-        child = subprocess.Popen([sys.executable, "-m", "lucid_megatron", *arguments], env=env, text=True,
-                                 stdout=stdout, stderr=stderr)
+        child = subprocess.Popen(process_command(arguments), env=env, text=True, stdout=stdout, stderr=stderr)
         try:
             while child.poll() is None and not preemption.received:
                 time.sleep(0.1)
@@ -137,7 +132,7 @@ def run_final_eval(cfg: TrainConfig, run_dir: str | Path, preemption: Preemption
          f"{cfg.final_eval.num_samples} documents per length)")
     started = time.perf_counter()
     arguments = niah_arguments(cfg, checkpoint, out, plot)
-    command = shlex.join(["lucid", *arguments])
+    command = shell_text(arguments)
     result = _run_child(arguments, preemption)
     if result is None and preemption.received == "SIGINT":
         _say(f"stopped by Ctrl-C; the training finished (checkpoint {checkpoint}); evaluate it with: {command}")

@@ -20,6 +20,26 @@ TENSORBOARD_TAGS = {
     "memory_gib": "perf/memory_gib",
     "nonfinite_steps": "train/nonfinite_steps",
 }
+# per-source keys of a mixture ("tokens/web") -> TensorBoard tags ("data/tokens/web")
+TENSORBOARD_PREFIXES = {
+    "tokens/": "data/tokens/",
+    "share/": "data/share/",
+    "long_share/": "data/long_share/",
+    "valid_loss/": "valid/loss/",
+}
+
+
+def tensorboard_tag(key: str) -> str | None:
+    """The TensorBoard tag of a metrics.jsonl key (None: not plotted)."""
+    if key in TENSORBOARD_TAGS:
+        return TENSORBOARD_TAGS[key]
+    prefix = next((p for p in TENSORBOARD_PREFIXES if key.startswith(p)), None)
+    return None if prefix is None else TENSORBOARD_PREFIXES[prefix] + key[len(prefix):]
+
+
+def _per_source(values: dict, prefix: str) -> str:
+    """``web 61% code 39%`` from the keys ``prefix + name``."""
+    return " ".join(f"{key[len(prefix):]} {value:.0%}" for key, value in values.items() if key.startswith(prefix))
 
 
 class MetricsLogger:
@@ -75,7 +95,7 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in values.items():
-                tag = TENSORBOARD_TAGS.get(key)
+                tag = tensorboard_tag(key)
                 if tag is not None and value is not None:
                     self.writer.add_scalar(tag, value, step)
             self.writer.flush()
@@ -99,6 +119,10 @@ class MetricsLogger:
         if values.get("grad_norm") is not None:
             parts.append(f"gnorm {values['grad_norm']:.3f}")
         parts.append(f"{values['tokens_per_s']:.0f} tok/s")
+        if any(key.startswith("share/") for key in values):  # a mixture: each source's share of the tokens so far
+            parts.append(f"mix {_per_source(values, 'share/')}")
+        if any(key.startswith("long_share/") for key in values):
+            parts.append(f"long-doc tokens {_per_source(values, 'long_share/')}")
         parts.append(f"ETA {_duration(remaining)}")
         print("  ".join(parts), file=sys.stdout, flush=True)
 

@@ -1,19 +1,24 @@
 """The training loop: a small Trainer over the runtime (device, groups), data, engine, checkpoints and logs.
 
 Runs in every process of a torchrun (or single-process) job: ``python -m lucid_megatron train ...``.
-Reading order: :meth:`Trainer.setup` composes the pieces, :meth:`Trainer.run` is the loop and its one
-exit path, :meth:`Trainer.train_step`, :meth:`Trainer.evaluate` and :meth:`Trainer.save` are one step each.
+Reading order: :meth:`Trainer.setup` composes the pieces, one named step each; :meth:`Trainer.run` runs the loop,
+which ends in a :class:`LoopOutcome`, then the one exit path that saves and says it; :meth:`Trainer.train_step`,
+:meth:`Trainer.evaluate` and :meth:`Trainer.save` are one step each.  What a checkpoint restores besides the
+weights and the optimizer is a :class:`~lucid_megatron.train.run_state.RunState`, whose parts each save and load
+their own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import math
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 import psutil
 import torch
@@ -22,12 +27,13 @@ import yaml
 from megatron.core import parallel_state
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lucid_megatron.config.schema import to_dict
+from lucid_megatron.config.schema import ConfigError, to_dict
 from lucid_megatron.config.train import TrainConfig, dump_config
 from lucid_megatron.data import loader as data_loader
-from lucid_megatron.data.shards import read_manifest
+from lucid_megatron.data.mixture import Mixture, SourceTotals, source_totals
+from lucid_megatron.data.shards import Manifest
 from lucid_megatron.data.synth import ensure_synth_dataset
-from lucid_megatron.runtime import start_runtime, stop_runtime
+from lucid_megatron.runtime import deepspeed_adapter, start_runtime, stop_runtime
 from lucid_megatron.runtime.parallelize import EngineOptions, build_engine, build_model, params_dtype
 
 from lucid_megatron.checkpoint import (Checkpointer, checkpoint_problem, nonfinite_weights, read_state,
@@ -35,9 +41,11 @@ from lucid_megatron.checkpoint import (Checkpointer, checkpoint_problem, nonfini
 from .engine import StepResult, evaluate, rows_digest, train_step
 from .metrics import MetricsLogger
 from .run_lock import RunDirLock
+from .run_state import DataPositions, LayoutRecord, RunState, TokenizerRecord, TrainProgress
 from . import status
-from .schedule import check_layout, gradient_accumulation_steps, lr_at
+from .schedule import LRSchedule, gradient_accumulation_steps
 from .signals import PreemptionFlag
+from .validate import check_dataset, open_dataset, split_world
 
 
 class TrainingStopped(RuntimeError):
@@ -61,13 +69,14 @@ def _memory_gib(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def _gather_stream_states(local: dict) -> dict:
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    merged = {}
-    for part in gathered:
-        merged.update(part)
-    return merged
+@contextlib.contextmanager
+def _refused_config():
+    """A config the checks refuse stops the run with their message.  ``lucid train``'s preflight shows the same
+    before any process starts; ranks that did not run it, and a synthetic dataset written just now, meet it here."""
+    try:
+        yield
+    except ConfigError as err:
+        raise TrainingStopped(str(err)) from None
 
 
 def _weights_loader(path: Path):
@@ -83,6 +92,26 @@ def _weights_loader(path: Path):
             ) from err
 
     return load
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOutcome:
+    """How the loop ended: the status job scripts read (status.py), the last step done, and the signal that
+    ended it (None: it reached train.steps, or train.stop_at_step when the status is ``stopped``)."""
+
+    status: Literal["finished", "stopped", "preempted"]
+    step: int
+    signal_name: str | None = None
+
+    def describe(self, checkpoint: Path, run_dir: Path) -> str:
+        """The last line the run prints: where its checkpoint is, and how to continue or what to look at."""
+        resume_hint = f"continue with: lucid train <config> --run-dir {run_dir} --resume auto"
+        if self.signal_name is not None:
+            return f"received {self.signal_name} at step {self.step}: saved {checkpoint}. {resume_hint}"
+        if self.status == "stopped":
+            return f"stopping at step {self.step} (train.stop_at_step): saved {checkpoint}; {resume_hint}"
+        return (f"done: {self.step} steps. Run directory {run_dir}: checkpoint {checkpoint}, metrics "
+                f"{run_dir / 'metrics.jsonl'}, TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
 
 
 def _save_failure(root: Path, step: int, err: BaseException, previous: Path | None) -> str:
@@ -112,89 +141,58 @@ class Trainer:
         self.preemption = preemption  # the caller's, held beyond this run (lucid train); else our own
         self.owns_preemption = preemption is None
         self.lock = None
+        self.checkpoints: Checkpointer | None = None
         self.last_saved: tuple[int, Path] | None = None
 
     # ---- composition ---------------------------------------------------------------------------
 
     def setup(self) -> None:
-        cfg, run_dir = self.cfg, self.run_dir
-        self.layout = check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        """Compose the run, one named step each, in the order each needs the one before."""
+        self._start_runtime()
+        self._open_dataset()
+        self._find_resume_point()
+        self._build_engine()
+        self._restore_state()
+        self._open_loader()
+        self._open_metrics()
+
+    def _start_runtime(self) -> None:
+        """Process groups and device for this world's split; the run directory locked (rank 0)."""
+        cfg = self.cfg
+        with _refused_config():
+            self.layout = split_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.runtime = start_runtime(self.layout.tensor_parallel, self.layout.context_parallel,
                                      sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed,
                                      hierarchical_context_parallel_sizes=cfg.parallel.hierarchical_context_parallel_sizes,
+                                     cp_comm_type=cfg.parallel.cp_comm_type,
                                      collective_timeout_s=cfg.train.collective_timeout_s)
         if self.owns_preemption:
             self.preemption = PreemptionFlag()
         if self.runtime.is_first_rank:
-            self.lock = RunDirLock(run_dir).acquire()  # before anything is written there
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
-        self._ensure_dataset()
-        self.manifest = read_manifest(cfg.data.path)
-        data_loader.check_layout(self.manifest, cfg.data.num_streams, self.layout.data_parallel,
-                                 cfg.data.num_workers, cfg.train.global_batch_size)
-        if self.manifest.tokenizer["vocab_size"] > cfg.model.vocab_size:
-            raise TrainingStopped(
-                f"the dataset's tokenizer has {self.manifest.tokenizer['vocab_size']} tokens but model.vocab_size "
-                f"is {cfg.model.vocab_size}"
-            )
+            self.lock = RunDirLock(self.run_dir).acquire()  # before anything is written there
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
 
-        self.checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                        reshardable_optimizer=cfg.checkpoint.reshardable_optimizer)
-        resume_path = self._resume_point()
-        state, load = {}, None
-        if resume_path is not None:
-            _say(f"resuming from {resume_path}")
-            state = read_state(resume_path)
-            load = _weights_loader(resume_path)
-        elif cfg.checkpoint.init_from:
-            source = resolve_checkpoint(cfg.checkpoint.init_from)
-            _say(f"initialising weights from {source}")
-            load = _weights_loader(source)
+    def _open_dataset(self) -> None:
+        """Rank 0 writes the synthetic dataset when configured and missing; then every rank checks it fits.
+        ``manifest`` is the dataset's, or a mixture's first source's (its tokenizer is every source's)."""
+        if self.runtime.is_first_rank and self.cfg.data.synth is not None:
+            ensure_synth_dataset(self.cfg.data, say=_say)
+        dist.barrier()
+        with _refused_config():
+            self.dataset = open_dataset(self.cfg)
+            check_dataset(self.cfg, self.dataset, self.layout)
+        self.mixture = self.dataset if isinstance(self.dataset, Mixture) else None
+        self.manifest = self.mixture.sources[0].manifest if self.mixture else self.dataset
 
-        self.grad_accum = gradient_accumulation_steps(cfg, self.layout)
-        model = build_model(self.runtime, cfg.model, cfg.parallel, precision=cfg.train.precision,
-                            attention_backend=cfg.train.attention_backend,
-                            activation_checkpointing=cfg.train.activation_checkpointing, load=load)
-        bf16 = params_dtype(cfg.train.precision, self.runtime.device) == torch.bfloat16
-        self.engine = build_engine(model, EngineOptions(
-            lr=cfg.optimizer.lr, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps,
-            weight_decay=cfg.optimizer.weight_decay, micro_batch_size=cfg.train.micro_batch_size,
-            grad_accum=self.grad_accum, zero_stage=cfg.train.zero_stage, grad_clip=cfg.optimizer.grad_clip,
-            bf16=bf16,
-        ))
-        self.layout_record = {
-            "world_size": self.layout.world_size, "tensor_parallel": self.layout.tensor_parallel,
-            "context_parallel": self.layout.context_parallel, "data_parallel": self.layout.data_parallel,
-            "zero_stage": cfg.train.zero_stage,
-        }
-        if resume_path is not None:
-            saved = state.get("layout")
-            _say(Checkpointer.load_training_state(resume_path, self.engine, same_layout=saved == self.layout_record,
-                                                  layout_note=f"saved {saved}, now {self.layout_record}"))
-        self.resume_path = resume_path
-        self.start_step = state.get("step", 0)
-        self.nonfinite_total = state.get("nonfinite_steps", 0)
-        self.consecutive_nonfinite = 0
-        self.stream_states = dict(state.get("data", {}))
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.loader = data_loader.make_train_loader(
-            cfg.data.path, seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-            dp_rank=self.dp_rank, dp_size=self.layout.data_parallel, num_streams=cfg.data.num_streams,
-            num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_shards=cfg.data.shuffle_shards,
-            loss_tokens=cfg.data.loss_tokens, on_bad_shard=cfg.data.on_bad_shard, state=self.stream_states or None,
-        )
-        self.metrics = MetricsLogger(
-            run_dir, enabled=self.runtime.is_first_rank, tensorboard=cfg.logging.tensorboard,
-            progress=cfg.logging.progress, total_steps=cfg.train.steps, start_step=self.start_step,
-        )
-        self.metrics.static(self.start_step, self.layout_record)
-        self.model_yaml = yaml.safe_dump(to_dict(cfg.model), sort_keys=False)
+    def _find_resume_point(self) -> None:
+        """The run's checkpoints, and the one to resume (``resume_path``; None to start afresh)."""
+        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last,
+                                        async_save=self.cfg.checkpoint.writes_in_background(self.runtime.device))
+        self.resume_path = None if self.resume is None else self._first_resumable()
 
-    def _resume_point(self) -> Path | None:
-        """The checkpoint to resume: ``--resume PATH``, or with ``auto`` the newest complete one that every
-        rank can read (damaged or unsafe ones are skipped, saying why); None to start afresh."""
-        if self.resume is None:
-            return None
+    def _first_resumable(self) -> Path | None:
+        """``--resume PATH``, or with ``auto`` the newest complete checkpoint that every rank can read (damaged
+        or unsafe ones are skipped, saying why); None when there is none."""
         explicit = self.resume != "auto"
         candidates = [Path(self.resume)] if explicit else self.checkpoints.complete_checkpoints()[::-1]
         skipped = []
@@ -212,6 +210,78 @@ class Trainer:
             )
         return None
 
+    def _weights_source(self) -> Path | None:
+        """Where the model's weights come from: the resumed checkpoint, checkpoint.init_from, or None (fresh)."""
+        if self.resume_path is not None:
+            _say(f"resuming from {self.resume_path}")
+            return self.resume_path
+        if self.cfg.checkpoint.init_from:
+            source = resolve_checkpoint(self.cfg.checkpoint.init_from)
+            _say(f"initialising weights from {source}")
+            return source
+        return None
+
+    def _build_engine(self) -> None:
+        """The model (its weights loaded, if any) wrapped in DeepSpeed's engine."""
+        cfg = self.cfg
+        source = self._weights_source()
+        self.grad_accum = gradient_accumulation_steps(cfg, self.layout)
+        model = build_model(self.runtime, cfg.model, cfg.parallel, precision=cfg.train.precision,
+                            attention_backend=cfg.train.attention_backend,
+                            activation_checkpointing=cfg.train.activation_checkpointing,
+                            load=None if source is None else _weights_loader(source))
+        bf16 = params_dtype(cfg.train.precision, self.runtime.device) == torch.bfloat16
+        try:
+            self.engine = self._start_engine(model, bf16)
+        except deepspeed_adapter.UntestedDeepSpeed as err:
+            raise TrainingStopped(str(err)) from None
+        self.model_yaml = yaml.safe_dump(to_dict(cfg.model), sort_keys=False)
+
+    def _start_engine(self, model, bf16: bool):
+        cfg = self.cfg
+        return build_engine(model, EngineOptions(
+            lr=cfg.optimizer.lr, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps,
+            weight_decay=cfg.optimizer.weight_decay, micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=self.grad_accum, zero_stage=cfg.train.zero_stage, grad_clip=cfg.optimizer.grad_clip,
+            bf16=bf16, allow_untested_deepspeed=cfg.train.allow_untested_deepspeed,
+        ))
+
+    def _restore_state(self) -> None:
+        """The run's state, fresh or as the resumed checkpoint saved it; its optimizer (and, on the same layout,
+        RNG streams) loaded into the engine."""
+        self.state = RunState(
+            progress=TrainProgress(), data=DataPositions(), lr_schedule=LRSchedule(self.cfg),
+            layout=LayoutRecord.of(self.layout, self.cfg.train.zero_stage),
+            tokenizer=TokenizerRecord(self.manifest.tokenizer),
+        )
+        if self.resume_path is not None:
+            self.state.load_state_dict(read_state(self.resume_path))
+            _say(Checkpointer.load_training_state(self.resume_path, self.engine, self.state.rng,
+                                                  same_layout=self.state.layout.same_as_saved,
+                                                  layout_note=self.state.layout.describe_change()))
+        self.start_step = self.state.progress.step
+        self.source_epochs = self._restored_source_totals().epochs
+
+    def _open_loader(self) -> None:
+        """This rank's training rows, from where the data positions stand."""
+        cfg = self.cfg
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.loader = data_loader.make_train_loader(
+            self.dataset, seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+            dp_rank=self.dp_rank, dp_size=self.layout.data_parallel, num_streams=cfg.data.num_streams,
+            num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_shards=cfg.data.shuffle_shards,
+            loss_tokens=cfg.data.loss_tokens, on_bad_shard=cfg.data.on_bad_shard,
+            state=self.state.data.restored or None,
+        )
+
+    def _open_metrics(self) -> None:
+        cfg = self.cfg
+        self.metrics = MetricsLogger(
+            self.run_dir, enabled=self.runtime.is_first_rank, tensorboard=cfg.logging.tensorboard,
+            progress=cfg.logging.progress, total_steps=cfg.train.steps, start_step=self.start_step,
+        )
+        self.metrics.static(self.start_step, self.state.layout.current)
+
     def _check_weights_finite(self, step: int, what: str) -> None:
         """Stop, publishing nothing, if an update made any weight NaN or infinite (collective)."""
         if not self.runtime.any_rank(nonfinite_weights(self.engine)):
@@ -223,40 +293,32 @@ class Trainer:
             "optimizer.grad_clip > 0."
         )
 
-    def _ensure_dataset(self) -> None:
-        """Rank 0 writes the synthetic dataset when configured and missing; the others wait."""
-        if self.runtime.is_first_rank:
-            ensure_synth_dataset(self.cfg.data, say=_say)
-        dist.barrier()
-
     # ---- one step each -------------------------------------------------------------------------
 
     def train_step(self, step: int) -> StepResult:
-        cfg = self.cfg
+        cfg, state = self.cfg, self.state
         started = time.perf_counter()
         micro_batches = [next(self.loader) for _ in range(self.grad_accum)]
-        result = train_step(self.engine, self.runtime, self.runtime.micro_batches(micro_batches), lr_at(cfg, step))
-        for mb in micro_batches:
-            self.stream_states.update(mb.stream_states)
+        lr = state.lr_schedule.step()
+        result = train_step(self.engine, self.runtime, self.runtime.micro_batches(micro_batches), lr)
+        state.data.advance(micro_batches)
         digest = rows_digest(self.runtime, micro_batches, cfg.train.seq_length)
         elapsed = time.perf_counter() - started
 
+        state.progress.record(step, nonfinite=bool(result.nonfinite_micro_batches))
         if result.nonfinite_micro_batches:
-            self.nonfinite_total += 1
-            self.consecutive_nonfinite += 1
             _say(
                 f"step {step}: non-finite loss in {result.nonfinite_micro_batches}/{len(micro_batches)} "
                 f"micro-batch(es) on some rank; {'step skipped' if result.skipped else 'those dropped'}"
             )
-        else:
-            self.consecutive_nonfinite = 0
         if step % cfg.logging.interval == 0 or step == cfg.train.steps or result.nonfinite_micro_batches:
             self.metrics.log(step, {
-                "loss": result.loss, "lr": lr_at(cfg, step), "grad_norm": result.grad_norm,
+                "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                 "tokens": result.tokens,
                 "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / elapsed,
                 "step_time_s": elapsed, "memory_gib": _memory_gib(self.runtime.device),
-                "nonfinite_steps": self.nonfinite_total, "skipped": result.skipped, "data_digest": digest,
+                "nonfinite_steps": state.progress.nonfinite_steps, "skipped": result.skipped, "data_digest": digest,
+                **self._mixture_metrics(step),
             })
         if not result.skipped:  # after the metrics line: the step's finite loss is on record
             self._check_weights_finite(step, "the update overflowed" + (" although the loss was finite"
@@ -264,116 +326,211 @@ class Trainer:
         return result
 
     def evaluate(self, step: int) -> None:
-        cfg, valid = self.cfg, self.manifest.splits.get("valid")
-        if cfg.data.eval_rows == 0 or not valid or not valid.shards:
+        """Validation loss on ``eval_rows`` rows of the valid split; a mixture evaluates each source's split and
+        logs their losses and the mean weighted by the sources' weights (``valid_loss``)."""
+        if self.cfg.data.eval_rows == 0:
             return
+        if self.mixture is None:
+            loss = self._valid_loss(self.manifest)
+            if loss is not None:
+                self.metrics.log(step, {"valid_loss": loss})
+            return
+        losses = {source.name: self._valid_loss(source.manifest) for source in self.mixture.sources}
+        weights = {source.name: source.weight for source in self.mixture.sources if losses[source.name] is not None}
+        if not weights:
+            return
+        if not any(weights.values()):  # only sources of weight 0 have a valid split: an unweighted mean
+            weights = dict.fromkeys(weights, 1.0)
+        mean = sum(w * losses[name] for name, w in weights.items()) / sum(weights.values())
+        self.metrics.log(step, {"valid_loss": mean,
+                                **{f"valid_loss/{name}": loss for name, loss in losses.items() if loss is not None}})
+
+    def _valid_loss(self, manifest: Manifest) -> float | None:
+        """The loss over the first ``eval_rows`` rows of ``manifest``'s valid split (collective); None without one."""
+        cfg, valid = self.cfg, manifest.splits.get("valid")
+        if not valid or not valid.shards:
+            return None
         # A validation split is often a single shard: use as many streams as it has shards.
         eval_streams = max(1, min(cfg.data.num_streams, len(valid.shards)))
         batches = data_loader.make_eval_loader(
-            cfg.data.path, seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+            manifest, seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
             dp_rank=self.dp_rank, dp_size=self.layout.data_parallel, num_streams=eval_streams,
             max_rows=cfg.data.eval_rows, loss_tokens=cfg.data.loss_tokens,
         )
         padding = data_loader.MicroBatch.padding(cfg.train.micro_batch_size, cfg.train.seq_length,
-                                                 int(self.manifest.tokenizer["pad_id"]))
+                                                 int(manifest.tokenizer["pad_id"]))
         loss, _ = evaluate(self.engine, self.runtime, self.runtime.micro_batches(batches),
                            self.runtime.micro_batch(padding))
-        self.metrics.log(step, {"valid_loss": loss})
+        return loss
 
-    def save(self, step: int) -> Path:
-        """Checkpoint ``step`` (collective), unless it was just saved."""
+    # ---- a mixture's sources ---------------------------------------------------------------------
+
+    def _restored_source_totals(self) -> SourceTotals:
+        names = self.mixture.names if self.mixture else []
+        return source_totals(self.state.data.restored.values(), names)
+
+    def _mixture_metrics(self, step: int) -> dict[str, float]:
+        """Per source: tokens packed so far, their share, and (upsampling) the share from long documents; says
+        when a source ran out and started its next epoch.  Collective over the data-parallel group."""
+        if self.mixture is None:
+            return {}
+        names = self.mixture.names
+        dp_size = self.layout.data_parallel
+        mine = {s: st for s, st in self.state.data.restored.items() if int(s) % dp_size == self.dp_rank}
+        mine.update(self.state.data.advanced)  # this rank's streams, as far as it has read them
+        local = source_totals(mine.values(), names)
+        group = parallel_state.get_data_parallel_group(with_context_parallel=False)
+        counts = self.runtime.all_reduce(self.runtime.tensor(
+            [local.tokens[n] for n in names] + [local.long_tokens[n] for n in names], torch.int64), group=group)
+        epochs = self.runtime.all_reduce(self.runtime.tensor([local.epochs[n] for n in names], torch.int64),
+                                         group=group, op=dist.ReduceOp.MAX)
+        counts, epochs = self.runtime.host(counts), self.runtime.host(epochs)
+        tokens, long_tokens = dict(zip(names, counts[:len(names)])), dict(zip(names, counts[len(names):]))
+        for name, epoch in zip(names, epochs):
+            if epoch > self.source_epochs[name]:
+                _say(f"step {step}: source {name!r} ran out of documents and started epoch {epoch} "
+                     "(its documents are read again from here)")
+                self.source_epochs[name] = epoch
+        total = max(sum(tokens.values()), 1)
+        values: dict[str, float] = {}
+        for source in self.mixture.sources:
+            name = source.name
+            values[f"tokens/{name}"] = tokens[name]
+            values[f"share/{name}"] = tokens[name] / total
+            if source.upsample is not None:
+                values[f"long_share/{name}"] = long_tokens[name] / max(tokens[name], 1)
+        return values
+
+    def save(self) -> Path:
+        """Checkpoint the last step done (collective), unless it was just saved."""
+        step = self.state.progress.step
         if self.last_saved is not None and self.last_saved[0] == step:
             return self.last_saved[1]
         self._check_weights_finite(step, "not saving a checkpoint of them")
-        state = {
-            "layout": self.layout_record,
-            "data": _gather_stream_states(self.stream_states),
-            "nonfinite_steps": self.nonfinite_total,
-            "tokenizer": self.manifest.tokenizer,
-        }
+        self.wait_for_checkpoint(step, reason="before the next one")
+        state = self.state.state_dict()
         try:
-            path = self.checkpoints.save(step, self.engine, state, files={"model.yaml": self.model_yaml})
+            path = self.checkpoints.save(step, self.engine, state, self.state.rng,
+                                         files={"model.yaml": self.model_yaml})
         except (Exception, CheckpointException) as err:  # CheckpointException is not an Exception
-            message = _save_failure(self.checkpoints.root, step, err, self.checkpoints.latest())
-            with contextlib.suppress(OSError):  # the same full disk may refuse this small file too
-                write_status(self.run_dir, "failed", step)
-            raise TrainingStopped(message) from err
+            raise self._checkpoint_failed(step, err) from err
+        if self.checkpoints.pending is not None:
+            _say(f"step {step}: writing {path.name} in the background (published when every rank is done)")
         self.last_saved = (step, path)
         return path
+
+    def poll_checkpoint(self) -> None:
+        """Publish a background save whose files every rank has written (collective when one is in flight)."""
+        pending = self.checkpoints.pending
+        if pending is None:
+            return
+        try:
+            self.checkpoints.poll()
+        except (Exception, CheckpointException) as err:
+            raise self._checkpoint_failed(pending.step, err) from err
+
+    def wait_for_checkpoint(self, step: int, reason: str) -> None:
+        """Block until a background save is written and published, saying how long it held training."""
+        pending = self.checkpoints.pending
+        if pending is None:
+            return
+        try:
+            waited = self.checkpoints.wait()
+        except (Exception, CheckpointException) as err:
+            raise self._checkpoint_failed(pending.step, err) from err
+        _say(f"step {step}: waited {waited:.2f} s for {pending.path.name} to be written {reason} "
+             f"({time.monotonic() - pending.started:.1f} s after it was staged)")
+
+    def _checkpoint_failed(self, step: int, err: BaseException) -> TrainingStopped:
+        """The run stops: the checkpoint of ``step`` was not written (same message, synchronous or not)."""
+        message = _save_failure(self.checkpoints.root, step, err, self.checkpoints.latest())
+        with contextlib.suppress(OSError):  # the same full disk may refuse this small file too
+            write_status(self.run_dir, "failed", step)
+        return TrainingStopped(message)
 
     # ---- the loop --------------------------------------------------------------------------------
 
     def run(self) -> int:
         try:
             self.setup()
-            return self._loop()
+            if not self._nothing_to_do():
+                self._finish(self._loop())
+            return 0
         finally:
             self.close()
 
     def _phase(self, name: str):
         return self.runtime.phase(name)
 
-    def _loop(self) -> int:
-        cfg, run_dir = self.cfg, self.run_dir
-        if self.start_step >= cfg.train.steps:
-            _say(f"nothing to do: {self.resume_path} is at step {self.start_step} >= train.steps ({cfg.train.steps})")
-            write_status(run_dir, "finished", self.start_step)
-            return 0
-        write_status(run_dir, "running", self.start_step)
+    def _nothing_to_do(self) -> bool:
+        """The resumed checkpoint is already at train.steps: say so, and leave the run finished."""
+        steps = self.cfg.train.steps
+        if self.start_step < steps:
+            return False
+        _say(f"nothing to do: {self.resume_path} is at step {self.start_step} >= train.steps ({steps})")
+        write_status(self.run_dir, "finished", self.start_step)
+        return True
+
+    def _announce(self) -> None:
+        cfg, layout = self.cfg, self.layout
+        write_status(self.run_dir, "running", self.start_step)
         _say(
-            f"{cfg.train.steps} steps from step {self.start_step}; world {self.layout.world_size} = DP "
-            f"{self.layout.data_parallel} x CP {self.layout.context_parallel} x TP {self.layout.tensor_parallel}, "
+            f"{cfg.train.steps} steps from step {self.start_step}; world {layout.world_size} = DP "
+            f"{layout.data_parallel} x CP {layout.context_parallel} x TP {layout.tensor_parallel}, "
             f"ZeRO-{cfg.train.zero_stage}, {self.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} x "
             f"{cfg.train.seq_length} tokens per rank, {self.runtime.device}, "
             f"{str(params_dtype(cfg.train.precision, self.runtime.device)).removeprefix('torch.')}, "
             f"{cfg.model.spec} layers, {torch.get_num_threads()} CPU thread(s) per process"
         )
-        step, outcome = self.start_step, "finished"
-        resume_hint = f"continue with: lucid train <config> --run-dir {run_dir} --resume auto"
+
+    def _loop(self) -> LoopOutcome:
+        """Train from the step after ``start_step``; evaluate and save at their intervals; end at train.steps,
+        train.stop_at_step or an agreed preemption signal."""
+        cfg = self.cfg
+        self._announce()
+        step = self.start_step
         for step in range(self.start_step + 1, cfg.train.steps + 1):
             with self._phase(f"training step {step}"):
                 self.train_step(step)
-            if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
-                write_status(run_dir, "failed", step)
+            with self._phase(f"publishing a checkpoint after step {step}"):
+                self.poll_checkpoint()
+            if self.state.progress.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                write_status(self.run_dir, "failed", step)
                 raise TrainingStopped(
-                    f"the loss was non-finite for {self.consecutive_nonfinite} consecutive steps (up to step "
-                    f"{step}); stopping. The last checkpoint is {self.checkpoints.latest()}. Lower optimizer.lr, "
-                    "keep optimizer.grad_clip > 0, or inspect the data of these steps."
+                    f"the loss was non-finite for {self.state.progress.consecutive_nonfinite} consecutive steps "
+                    f"(up to step {step}); stopping. The last checkpoint is {self.checkpoints.latest()}. Lower "
+                    "optimizer.lr, keep optimizer.grad_clip > 0, or inspect the data of these steps."
                 )
             if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0:
                 with self._phase(f"validation after step {step}"):
                     self.evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 with self._phase(f"saving the checkpoint of step {step}"):
-                    self.save(step)
+                    self.save()
             if step == cfg.train.stop_at_step:
-                outcome = "stopped"
-                describe = lambda path: f"stopping at step {step} (train.stop_at_step): saved {path}; {resume_hint}"  # noqa: E731
-                break
+                return LoopOutcome("stopped", step)
             with self._phase(f"the preemption check after step {step}"):
                 preempted = self.preemption.agreed(self.runtime)
             if preempted:
                 signal_name = self.preemption.received or "a preemption signal"
                 # SIGINT is a person stopping the run (a job script must not requeue it); the others preempt it
-                outcome = "stopped" if signal_name == "SIGINT" else "preempted"
-                describe = lambda path: f"received {signal_name} at step {step}: saved {path}. {resume_hint}"  # noqa: E731
-                break
-        else:
-            if not (cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0):
-                with self._phase(f"the final validation after step {step}"):
-                    self.evaluate(step)  # unless the interval just ran it
-            describe = lambda path: (  # noqa: E731
-                f"done: {cfg.train.steps} steps. Run directory {run_dir}: checkpoint {path}, metrics "
-                f"{run_dir / 'metrics.jsonl'}, TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
-            )
-        # the one exit path: save (unless this step was just saved), publish the state, say where things are
-        with self._phase(f"saving the checkpoint of step {step}"):
-            path = self.save(step)
-        write_status(run_dir, outcome, step)
-        _say(describe(path))
-        return 0
+                return LoopOutcome("stopped" if signal_name == "SIGINT" else "preempted", step, signal_name)
+        if not (cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0):
+            with self._phase(f"the final validation after step {step}"):
+                self.evaluate(step)  # unless the interval just ran it
+        return LoopOutcome("finished", step)
+
+    def _finish(self, outcome: LoopOutcome) -> None:
+        """The one exit path: save (unless this step was just saved), publish the state, say where things are."""
+        with self._phase(f"saving the checkpoint of step {outcome.step}"):
+            path = self.save()
+            self.wait_for_checkpoint(outcome.step, reason="before exiting")
+        write_status(self.run_dir, outcome.status, outcome.step)
+        _say(outcome.describe(path, self.run_dir))
 
     def close(self) -> None:
+        if self.checkpoints is not None and self.checkpoints.pending is not None:
+            self.checkpoints.abandon()  # stopped by an error: that checkpoint is never published
         if self.owns_preemption and self.preemption is not None:
             self.preemption.restore()
         if self.metrics is not None:

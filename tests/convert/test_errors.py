@@ -56,7 +56,7 @@ def test_output_directory_is_never_overwritten(run_tp1, exported, tmp_path):
 def test_vocabulary_sizes_out_of_range_are_refused(run_tp1, exported):
     import pytest
 
-    from lucid_megatron.convert import mapping, megatron_io
+    from lucid_megatron.convert import hf_io, mapping, megatron_io
 
     cfg = megatron_io.read_model_config(megatron_io.resolve_checkpoint(run_tp1))
     with pytest.raises(ValueError, match=r"tokenizer 'hf:big' has 300 tokens but the model has 259 "
@@ -65,9 +65,9 @@ def test_vocabulary_sizes_out_of_range_are_refused(run_tp1, exported):
     weights = load_file(str(exported / "model.safetensors"))
     with pytest.raises(ValueError, match=r"hf/config.json: vocab_size=385; allowed: 1..384 \(the model's vocabulary "
                                          r"of 259 padded to a multiple of 128\)"):
-        mapping.check_hf_weights(weights, cfg, "hf", 385)
+        hf_io.check_hf_weights(weights, cfg, "hf", 385)
     # an export that still carries the padding rows (written before they were trimmed) imports as it is
     padded = {k: mapping._vocab_rows(v, 384) if v.shape[0] == 259 else v for k, v in weights.items()}
-    mapping.check_hf_weights(padded, cfg, "hf", 384)
+    hf_io.check_hf_weights(padded, cfg, "hf", 384)
     megatron = mapping.hf_to_megatron(padded, cfg)
     assert torch.equal(megatron["output_layer.weight"], padded["lm_head.weight"])

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from lucid_megatron.runtime.commands import NiahOptions, niah_command, process_command
+
 from .conftest import convert
 
 # Runs in a fresh interpreter where lucid_megatron (and megatron/deepspeed, which a machine with only torch +
@@ -86,8 +88,8 @@ def _foreign_directory(exported, tmp_path):
 def test_no_code_from_a_directory_runs_without_trust_remote_code(run_tp1, exported, tmp_path):
     foreign, marker = _foreign_directory(exported, tmp_path)
     verify = convert("verify", run_tp1, foreign, "--batches", "1", "--seq-len", "16", expect_ok=False)
-    niah = subprocess.run([sys.executable, "-m", "lucid_megatron", "eval", "niah", "--hf", str(foreign), "--lengths",
-                           "256", "--num-samples", "1"], capture_output=True, text=True, timeout=600)
+    niah_arguments = niah_command(NiahOptions(lengths=[256], num_samples=1), hf=[foreign])
+    niah = subprocess.run(process_command(niah_arguments), capture_output=True, text=True, timeout=600)
     for result in (verify, niah):
         assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
         assert "trust_remote_code" in result.stderr

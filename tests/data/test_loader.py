@@ -14,7 +14,7 @@ import torch
 
 from lucid_megatron.config.schema import ConfigError
 from lucid_megatron.data import (
-    ShardError, check_layout, iter_shard_documents, make_eval_loader, make_train_loader, read_manifest,
+    ShardError, check_stream_layout, iter_shard_documents, make_eval_loader, make_train_loader, read_manifest,
 )
 
 from .common import reference_rows, small_synth, write_documents
@@ -232,7 +232,7 @@ def test_bad_shard_error_or_skip(tmp_path):
 
 def test_layout_and_state_errors(dataset, tmp_path):
     manifest = read_manifest(dataset)
-    check_layout(manifest, num_streams=8, dp_size=2, num_workers=2, global_batch_size=16)
+    check_stream_layout(manifest, num_streams=8, dp_size=2, num_workers=2, global_batch_size=16)
     for (streams, dp, workers, batch), message in [
         ((6, 2, 2, 12), r"num_streams=6 .* dp_size\*num_workers=4"),
         ((4, 2, 0, 10), "global_batch_size=10 .* num_streams=4"),
@@ -240,7 +240,7 @@ def test_layout_and_state_errors(dataset, tmp_path):
         ((4, 0, 0, 16), "dp_size=0"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            check_layout(manifest, num_streams=streams, dp_size=dp, num_workers=workers, global_batch_size=batch)
+            check_stream_layout(manifest, num_streams=streams, dp_size=dp, num_workers=workers, global_batch_size=batch)
     with pytest.raises(ValueError, match="12 shards cannot feed num_streams=16"):
         make_train_loader(dataset, seq_length=SEQ, micro_batch_size=1, dp_rank=0, dp_size=1, num_streams=16,
                           num_workers=0, seed=0)

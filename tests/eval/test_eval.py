@@ -3,26 +3,25 @@ and its numbers do not depend on the batch size or the tensor/context-parallel l
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from lucid_megatron.data.synth import RetrievalTask, write_synth_dataset
 from lucid_megatron.data.tokenizer import ByteTokenizer
+from lucid_megatron.runtime.commands import NiahOptions, niah_command, process_command
 from tests.train.runs import run_train, train_env, write_config
 
 # An easy needle task the tiny model learns in about 100 CPU steps: one key -> digit pair to copy.
 TASK = RetrievalTask(min_len=32, max_len=56, num_needles=1, num_queries=1, key_len=1, value_len=1, filler_words=4)
-NIAH_TASK = ["--needles", "1", "--queries", "1", "--key-len", "1", "--value-len", "1", "--filler-words", "4"]
+NIAH_TASK = dict(needles=1, queries=1, key_len=1, value_len=1, filler_words=4)
 CHANCE = 0.1  # one digit out of ten
 TRAIN = ["train.steps=150", "train.seq_length=64", "train.global_batch_size=16", "train.micro_batch_size=16",
          "data.loss_tokens=answer", "optimizer.lr=3e-3", "schedule.warmup_fraction=0.05", "logging.interval=50"]
 
 
 def lucid(*args, timeout=600) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "lucid_megatron", *map(str, args)], capture_output=True,
-                            text=True, timeout=timeout, env=train_env())
+    result = subprocess.run(process_command(args), capture_output=True, text=True, timeout=timeout, env=train_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -41,19 +40,18 @@ def runs(tmp_path_factory):
     return dataset, root / "untrained" / "checkpoints", root / "trained" / "checkpoints"
 
 
-def _niah(tmp_path, name, checkpoints, *extra, lengths=(40, 56), samples=80):
+def _niah(tmp_path, name, checkpoints, *, batch_size=None, lengths=(40, 56), samples=80, **models_and_layout):
+    """`lucid eval niah` of the easy task; ``models_and_layout``: niah_command's hf, labels, plot, parallel sizes."""
     out = tmp_path / f"{name}.json"
-    args = ["eval", "niah", *sum((["--checkpoint", c] for c in checkpoints), []), "--lengths", *lengths,
-            *NIAH_TASK, "--num-samples", samples, "--seed", 7, "--out", out, *extra]
-    lucid(*args)
+    options = NiahOptions(lengths=list(lengths), **NIAH_TASK, num_samples=samples, seed=7, batch_size=batch_size)
+    lucid(*niah_command(options, checkpoints=checkpoints, out=out, **models_and_layout))
     return json.loads(out.read_text())
 
 
 def test_niah_is_chance_level_before_training_and_higher_after(runs, tmp_path):
     _, untrained, trained = runs
     plot = tmp_path / "niah.png"
-    result = _niah(tmp_path, "both", [untrained, trained], "--label", "untrained", "--label", "trained",
-                   "--plot", plot)
+    result = _niah(tmp_path, "both", [untrained, trained], labels=["untrained", "trained"], plot=plot)
     for length in ("40", "56"):
         before = result["models"]["untrained"][length]
         after = result["models"]["trained"][length]
@@ -73,15 +71,15 @@ def test_niah_is_chance_level_before_training_and_higher_after(runs, tmp_path):
 
 def test_niah_independent_of_batch_size_and_parallel_layout(runs, tmp_path):
     _, _, trained = runs
-    reference = _niah(tmp_path, "b1", [trained], "--label", "trained", "--batch-size", 1)["models"]["trained"]
+    reference = _niah(tmp_path, "b1", [trained], labels=["trained"], batch_size=1)["models"]["trained"]
     layouts = {
-        "batch 7": ["--batch-size", 7],
-        "tp 2": ["--batch-size", 3, "--tensor-parallel-size", 2],
-        "cp 2 p2p": ["--batch-size", 5, "--context-parallel-size", 2, "--cp-comm-type", "p2p"],
-        "cp 2 a2a": ["--batch-size", 5, "--context-parallel-size", 2, "--cp-comm-type", "a2a"],
+        "batch 7": dict(batch_size=7),
+        "tp 2": dict(batch_size=3, tensor_parallel_size=2),
+        "cp 2 p2p": dict(batch_size=5, context_parallel_size=2, cp_comm_type="p2p"),
+        "cp 2 a2a": dict(batch_size=5, context_parallel_size=2, cp_comm_type="a2a"),
     }
-    for name, extra in layouts.items():
-        got = _niah(tmp_path, name.replace(" ", "_"), [trained], "--label", "trained", *extra)["models"]["trained"]
+    for name, layout in layouts.items():
+        got = _niah(tmp_path, name.replace(" ", "_"), [trained], labels=["trained"], **layout)["models"]["trained"]
         _assert_same_scores(got, reference, name)
 
 
@@ -132,14 +130,12 @@ def test_ppl_by_position_independent_of_batch_and_layout(runs, tmp_path):
 
 def test_niah_rejects_bad_input(runs, tmp_path):
     _, _, trained = runs
-    result = subprocess.run([sys.executable, "-m", "lucid_megatron", "eval", "niah", "--checkpoint", str(trained),
-                             "--lengths", "8", "--needles", "2"], capture_output=True, text=True, timeout=300,
-                            env=train_env())
+    too_short = niah_command(NiahOptions(lengths=[8], needles=2), checkpoints=[trained])
+    result = subprocess.run(process_command(too_short), capture_output=True, text=True, timeout=300, env=train_env())
     assert result.returncode == 2
     assert "--lengths [8]" in result.stderr and "minimum" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "lucid_megatron", "eval", "niah", "--checkpoint",
-                             str(tmp_path / "missing"), "--lengths", "64"], capture_output=True, text=True,
-                            timeout=300, env=train_env())
+    missing = niah_command(NiahOptions(lengths=[64]), checkpoints=[tmp_path / "missing"])
+    result = subprocess.run(process_command(missing), capture_output=True, text=True, timeout=300, env=train_env())
     assert result.returncode == 2 and "missing" in result.stderr
 
 
@@ -147,7 +143,7 @@ def test_niah_on_the_hugging_face_export_matches_the_checkpoint(runs, tmp_path):
     _, _, trained = runs
     exported = tmp_path / "hf"
     lucid("convert", "to-hf", trained.parent, exported)
-    result = _niah(tmp_path, "hf", [trained], "--hf", exported, "--label", "megatron", "--label", "hf")
+    result = _niah(tmp_path, "hf", [trained], hf=[exported], labels=["megatron", "hf"])
     megatron, hf = result["models"]["megatron"], result["models"]["hf"]
     # fp32 logits agree to ~1e-7, so greedy predictions (and every count) are the same, and the answer loss
     # (cross-entropy from Megatron's and from the Hugging Face model's logits) to fp32 rounding
@@ -161,10 +157,9 @@ def test_niah_options_build_the_task_they_name():
     from lucid_megatron.cli import build_parser
     from lucid_megatron.eval.cli import task_from_args
 
-    args = build_parser().parse_args(
-        ["eval", "niah", "--checkpoint", "c", "--lengths", "64", "128", "--needles", "3", "--queries", "2",
-         "--updates", "4", "--key-len", "1", "--value-len", "2", "--key-vocab", "5", "--value-vocab", "3",
-         "--template", "compact", "--filler-words", "6"])
+    options = NiahOptions(lengths=[64, 128], needles=3, queries=2, updates=4, key_len=1, value_len=2, key_vocab=5,
+                          value_vocab=3, template="compact", filler_words=6)
+    args = build_parser().parse_args(niah_command(options, checkpoints=["c"]))
     task = task_from_args(args)
     want = dict(num_needles=3, num_queries=2, updates=4, key_len=1, value_len=2, key_vocab=5, value_vocab=3,
                 template="compact", filler_words=6)

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 
 from lucid_megatron.experiment import toy
 from lucid_megatron.experiment.repro import aggregate, load_experiment, markdown_table
+from lucid_megatron.runtime.commands import override_arguments, process_command
 from tests.train.runs import train_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,10 +21,9 @@ SMOKE = ["train.steps=2", "data.synth.train_docs=64", "data.synth.valid_docs=8",
 
 
 def _repro(out: Path, data: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "lucid_megatron", "experiment", "repro", str(EXPERIMENT), "--out", str(out),
-               "--only", "softmax", "lucid", "--seeds", "0", "--eval-samples", "2", "--jobs", "2"]
-    for assignment in [*SMOKE, f"data.path={data}"]:
-        command += ["--set", assignment]
+    command = process_command(["experiment", "repro", str(EXPERIMENT), "--out", str(out), "--only", "softmax", "lucid",
+                               "--seeds", "0", "--eval-samples", "2", "--jobs", "2",
+                               *override_arguments([*SMOKE, f"data.path={data}"])])
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=train_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result

@@ -7,26 +7,19 @@ for the other kernel tests) cannot be compiled.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from tests import background
 
 pytest.importorskip("triton", reason="Triton is an optional extra: pip install '.[triton]'")
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """Both generations compiled side by side (two processes: the compiler is single-threaded)."""
-    work = tmp_path_factory.mktemp("compile")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(work / "cache")  # a clean cache: really compile
-    procs = [subprocess.Popen([sys.executable, "-m", "lucid_triton.compile_check", "--arch", str(arch), "--json",
-                               str(work / f"sm{arch}.json")], env=env, stdout=subprocess.DEVNULL)
-             for arch in (80, 90)]
-    for proc in procs:
-        assert proc.wait(timeout=1500) == 0
+def compiled():
+    """Both generations compiled side by side (two processes: the compiler is single-threaded), started with the
+    session in the background (tests/background.py)."""
+    work = background.job("compile").result()
     return [row for arch in (80, 90) for row in json.loads((work / f"sm{arch}.json").read_text())]
 
 

@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is an optional extra: pip install '.[triton]'")
 
-from lucid_megatron.selftest.gpu import NUMERICS_RATIO  # noqa: E402
 from lucid_megatron.selftest.numerics import KINDS, error_table, make_inputs  # noqa: E402
+from lucid_megatron.selftest.parts.kernels import NUMERICS_RATIO  # noqa: E402
 
 
 def test_correlated_keys_make_large_off_diagonal_entries():

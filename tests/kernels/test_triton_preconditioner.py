@@ -7,6 +7,7 @@ triton = pytest.importorskip("triton", reason="Triton is an optional extra: pip 
 
 import lucid_triton  # noqa: E402
 import triton.language as tl  # noqa: E402,F401  (Triton wants it visible to the jit function below)
+from lucid_megatron.numerics import relative_error  # noqa: E402
 from lucid_megatron.ops import LucidCache, lucid_attention, lucid_precondition  # noqa: E402
 from lucid_megatron.ops.attention import resolve_backend  # noqa: E402
 from lucid_megatron.ops.solver import BlockwiseSolver, precondition_grouped  # noqa: E402
@@ -18,10 +19,6 @@ from .happens_before import watch  # noqa: E402
 # Small blocks, so that short test sequences have many blocks, and groups of 2 so the grouped wait runs.
 SMALL = KernelConfig(block_m=16, block_n=16, group=2, num_warps=4, num_stages=2)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-
-def _rel(a, b):
-    return ((a.double() - b).abs().max() / b.abs().max()).item()
 
 
 def _inputs(b, n, h, d, dv, seed=0):
@@ -39,7 +36,8 @@ def _against_float64(k64, v64, grad, cu, dtype, solver):
     want = precondition_grouped(kr, vr, cu, 1e-6, BlockwiseSolver())
     want_grads = torch.autograd.grad(want, (kr, vr), grad.to(dtype).double())
     assert got.dtype == dtype
-    return {name: _rel(a, w) for name, a, w in zip(("vp", "dk", "dv"), (got, *got_grads), (want, *want_grads))}
+    return {name: relative_error(a, w)
+            for name, a, w in zip(("vp", "dk", "dv"), (got, *got_grads), (want, *want_grads))}
 
 
 def test_kernels_run_interpreted():
@@ -81,7 +79,7 @@ def test_default_configs_and_gqa_through_lucid_attention():
     want = lucid_attention(*ref_leaves, cu_seqlens=cu, backend="reference")
     want_grads = torch.autograd.grad(want, ref_leaves, grad)
     for a, w in zip((got, *got_grads), (want, *want_grads)):
-        assert _rel(a, w) < 1e-4
+        assert relative_error(a, w) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
@@ -98,7 +96,7 @@ def test_off_diagonal_updates_match_blockwise(dtype):
     got, want = acc.float(), acc.clone()
     triton_solver.subtract_earlier(got, rows_kn.float(), cols_kn.float(), cols_vp.float())
     exact.subtract_earlier(want, rounded[0], rounded[1], rounded[2])
-    assert _rel(got, want) < TOLERANCE[dtype]
+    assert relative_error(got, want) < TOLERANCE[dtype]
 
     acc_cols = make(heads, cols, dv)
     outs = [acc_cols.float(), torch.zeros(heads, cols, d), torch.zeros(heads, rows, d)]
@@ -106,7 +104,7 @@ def test_off_diagonal_updates_match_blockwise(dtype):
     triton_solver.backward_earlier(rows_kn.float(), rows_dv.float(), cols_kn.float(), cols_vp.float(), *outs)
     exact.backward_earlier(rounded[0], rounded[3], rounded[1], rounded[2], *wants)
     for name, a, w in zip(("acc_cols", "dkn_cols", "dkn_rows"), outs, wants):
-        assert _rel(a, w) < TOLERANCE[dtype], name
+        assert relative_error(a, w) < TOLERANCE[dtype], name
 
 
 def test_solver_keeps_its_operand_dtype_for_fp32_accumulators():
@@ -119,7 +117,7 @@ def test_solver_keeps_its_operand_dtype_for_fp32_accumulators():
     got = TritonSolver(torch.float16, SMALL).solve(kn.float(), acc.float(), [(0, 40)])
     assert got.dtype == torch.float16
     want = BlockwiseSolver().solve(kn16, acc, [(0, 40)])
-    assert _rel(got, want) < TOLERANCE[torch.float16]
+    assert relative_error(got, want) < TOLERANCE[torch.float16]
     dv, dkn = TritonSolver(torch.float16, SMALL).solve_backward(kn.float(), want.float(), acc.float(), [(0, 40)])
     assert dv.dtype == torch.float16 and dkn.dtype == torch.float32
 
@@ -130,7 +128,7 @@ def test_decode_cache_through_triton_equals_prefill():
     full = lucid_attention(q.double(), k.double(), v.double(), backend="reference")
     cache = LucidCache(backend="triton")
     steps = [lucid_attention_step(cache, q, k, v, a, b) for a, b in ((0, 17), (17, 18), (18, 40))]
-    assert _rel(torch.cat(steps, dim=1), full) < 1e-4
+    assert relative_error(torch.cat(steps, dim=1), full) < 1e-4
 
 
 def lucid_attention_step(cache, q, k, v, a, b):

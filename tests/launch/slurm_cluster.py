@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.distributed import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
 
 
@@ -26,12 +28,6 @@ def missing_requirements() -> str | None:
     if os.geteuid() != 0:
         return "the local SLURM test cluster runs its daemons as root"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _exe(name: str) -> str:
@@ -59,7 +55,7 @@ class SlurmCluster:
         lines = [
             "ClusterName=lucidtest",
             f"SlurmctldHost={host}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
@@ -86,7 +82,7 @@ class SlurmCluster:
             "MpiDefault=none",
         ]
         for i, node in enumerate(self.nodes):
-            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
                          f"CPUs={self.cpus} State=UNKNOWN")
         lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP "
                      "OverSubscribe=FORCE:4")

@@ -8,7 +8,7 @@ import pytest
 from lucid_megatron.cli import main
 from lucid_megatron.config.train import CONFIG_DIR, load_train_config
 from lucid_megatron.launch.node_layout import check_placement, fitting_a2a_group_size
-from lucid_megatron.train.schedule import check_layout, gradient_accumulation_steps
+from lucid_megatron.train.schedule import gradient_accumulation_steps, split_world
 
 PRESET = CONFIG_DIR / "1b-128k.yaml"
 DEMO = CONFIG_DIR / "demo.yaml"  # 2 heads, 2 KV heads
@@ -30,7 +30,7 @@ def test_the_1b_128k_preset_fits_8_nodes_of_8_gpus(capsys, tmp_path):
     assert cfg.train.seq_length == cfg.model.max_seq_len == 131072
     assert (cfg.parallel.cp_comm_type, cfg.parallel.hierarchical_context_parallel_sizes) == ("a2a+p2p", [4, 4])
     assert cfg.parallel.a2a_group_size == 4 and cfg.launch.nproc_per_node == 8
-    layout = check_layout(cfg, 64)
+    layout = split_world(cfg, 64)
     assert (layout.data_parallel, gradient_accumulation_steps(cfg, layout)) == (4, 1)
     assert 0.5e6 <= cfg.train.global_batch_size * cfg.train.seq_length <= 0.55e6
     assert check_placement(cfg, nodes=8, nproc_per_node=8) == []
@@ -65,7 +65,7 @@ def test_with_no_fitting_group_the_launcher_says_to_use_p2p(tmp_path):
     # demo: 2 heads; a2a group of 2 on nodes of 1 process -> no a2a group fits a node
     cfg = load_train_config(DEMO, ["parallel.context_parallel_size=4", "parallel.cp_comm_type=a2a+p2p",
                                    "parallel.hierarchical_context_parallel_sizes=[2, 2]"])
-    check_layout(cfg, 4)
+    split_world(cfg, 4)
     assert fitting_a2a_group_size(cfg, 1) is None
     with pytest.raises(ValueError, match=r"no a2a group size fits both the heads and a node of 1 process\(es\) "
                                          r"with tensor_parallel_size 1: use parallel.cp_comm_type=p2p"):

@@ -51,11 +51,20 @@ def _launch(cluster, run_dir, *args, overrides=()):
     return result.stdout.split()[2].rstrip(":")
 
 
-def _direct(tmp_path, overrides, steps):
-    """The same config through torchrun directly (lucid train --nproc-per-node 2)."""
-    run_dir = tmp_path / "direct"
-    run_train(Path(CONFIG), run_dir, nproc=2, overrides=overrides + [f"train.steps={steps}"])
-    return train_records(run_dir)
+@pytest.fixture(scope="module")
+def direct(overrides, tmp_path_factory):
+    """``direct(steps)``: the records of the same config through torchrun directly (lucid train --nproc-per-node
+    2), trained once per step count and shared by the jobs compared with it."""
+    done = {}
+
+    def records(steps: int) -> dict:
+        if steps not in done:
+            run_dir = tmp_path_factory.mktemp(f"direct-{steps}") / "run"
+            run_train(Path(CONFIG), run_dir, nproc=2, overrides=overrides + [f"train.steps={steps}"])
+            done[steps] = train_records(run_dir)
+        return done[steps]
+
+    return records
 
 
 def _node_log(run_dir) -> str:
@@ -69,21 +78,21 @@ def _job_logs(run_dir) -> str:
 
 
 @pytest.mark.parametrize("nodes,nproc", [(1, 2), (2, 1)], ids=["1-node-2-procs", "2-nodes-1-proc-each"])
-def test_job_matches_direct_torchrun(cluster, overrides, tmp_path, nodes, nproc):
+def test_job_matches_direct_torchrun(cluster, overrides, direct, tmp_path, nodes, nproc):
     run_dir = tmp_path / "slurm-run"
     job = _launch(cluster, run_dir, "--nodes", str(nodes), "--nproc-per-node", str(nproc),
                   overrides=overrides + ["train.steps=4"])
     assert cluster.wait(job) == "COMPLETED", _job_logs(run_dir)
     log = _node_log(run_dir)
     assert "world 2 = DP 2 x CP 1 x TP 1" in log
-    got, want = train_records(run_dir), _direct(tmp_path, overrides, 4)
+    got, want = train_records(run_dir), direct(4)
     assert [got[s]["loss"] for s in range(1, 5)] == [want[s]["loss"] for s in range(1, 5)]
     assert f"step 4/4 [########################]  loss {want[4]['loss']:.4f}" in log
     if nodes == 2:
         assert (run_dir / "slurm" / f"lucid-demo-{job}-node1.log").exists()  # per-node logs
 
 
-def test_warning_signal_checkpoints_requeues_and_resumes(cluster, overrides, tmp_path):
+def test_warning_signal_checkpoints_requeues_and_resumes(cluster, overrides, direct, tmp_path):
     run_dir = tmp_path / "slurm-run"
     # Enough steps that the signal (after step 3) finds the run training; should it come during final_eval
     # instead, that too is a preemption the requeued job resumes (it evaluates), and everything below holds.
@@ -94,6 +103,8 @@ def test_warning_signal_checkpoints_requeues_and_resumes(cluster, overrides, tmp
         if (run_dir / "metrics.jsonl").exists() and max(train_records(run_dir), default=0) >= 3:
             break
         time.sleep(0.1)
+    else:
+        pytest.fail(f"job {job} never reached step 3 ({cluster.job_state(job)}):\n{_job_logs(run_dir)}")
     # What SLURM does --signal-seconds before the time limit: SIGUSR1 to the job's steps.
     subprocess.run(["scancel", "--signal=USR1", job], check=True, env=cluster.env)
     assert cluster.wait(job, timeout=900) == "COMPLETED", _job_logs(run_dir)
@@ -102,7 +113,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(cluster, overrides, tmp
     assert "received SIGUSR1" in _node_log(run_dir)
     show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=cluster.env).stdout
     assert "Restarts=1" in show
-    got, want = train_records(run_dir), _direct(tmp_path, overrides, 20)
+    got, want = train_records(run_dir), direct(20)
     assert sorted(got) == list(range(1, 21))
     assert got[20]["loss"] == want[20]["loss"]
     assert (run_dir / "eval" / "niah.json").exists()

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -37,6 +38,15 @@ def test_device_buffers_and_synchronize_on_cpu():
         assert torch.cuda.synchronize() is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim patches nothing where CUDA is available")
+def test_deepspeed_skips_its_shared_memory_op_on_cpu():
+    """Patch 5: DeepSpeed must not compile deepspeed_shm_comm (training never uses it) when an engine starts."""
+    assert apply_cpu_shim(deepspeed=True) is True
+    import deepspeed.ops
+
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+
+
 def test_shim_is_not_applied_when_cuda_is_available():
     code = (
         "import torch\n"
@@ -44,6 +54,8 @@ def test_shim_is_not_applied_when_cuda_is_available():
         "original = torch.cuda.current_device\n"
         "from lucid_megatron.parallel.cpu_shim import apply_cpu_shim, cpu_shim_active\n"
         "assert apply_cpu_shim() is False and not cpu_shim_active()\n"
+        "import sys\n"
+        "assert apply_cpu_shim(deepspeed=True) is False and 'deepspeed' not in sys.modules\n"
         "assert torch.cuda.current_device is original\n"
         "import megatron.core.tensor_parallel.random as r\n"
         "assert r._get_cuda_rng_state.__module__ == 'megatron.core.tensor_parallel.random'\n"

@@ -4,12 +4,10 @@ import pytest
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from lucid_megatron.numerics import relative_error
+
 from .common import batch, build, single_process_parallel, tiny_config, weights_of
 from .plain_llama import plain_forward, plain_loss
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 VARIANTS = {
@@ -37,10 +35,10 @@ def test_megatron_gpt_equals_plain_model(variant):
         want_loss.mean().backward()
 
     assert logits.shape == (2, 48, cfg.padded_vocab_size)
-    assert _rel(logits, want_logits) < 1e-5
+    assert relative_error(logits, want_logits) < 1e-5
     assert (loss - want_loss).abs().max() < 1e-5
     for name, p in weights_of(model).items():
-        assert _rel(p.grad, plain_weights[name].grad) < 1e-4, name
+        assert relative_error(p.grad, plain_weights[name].grad) < 1e-4, name
 
 
 def test_packed_documents_equal_separate_rows():

@@ -11,9 +11,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import import_module
 
 from lucid_megatron.config import ConfigError, ParallelConfig
-from lucid_megatron.model.core_attention import LucidCoreAttention, SoftmaxCoreAttention
+from lucid_megatron.model.core_attention import LucidCoreAttention, PackedDocuments, SoftmaxCoreAttention
 from lucid_megatron.model.gpt import build_gpt_model, transformer_config
 from lucid_megatron.model.specs import get_lucid_layer_te_spec, transformer_engine_import_error
+from lucid_megatron.numerics import relative_error
+from lucid_megatron.parallel.plan import build_plan
 
 from .common import batch, build, single_process_parallel, tiny_config
 
@@ -90,7 +92,7 @@ def test_softmax_pattern_reproduces_plain_megatron_gpt():
     plain_params = dict(plain.named_parameters())
     for name, p in ours.named_parameters():
         g = plain_params[name].grad
-        assert ((p.grad - g).abs().max() / g.abs().max()) < 1e-4, name
+        assert relative_error(p.grad, g) < 1e-4, name
 
 
 @pytest.mark.parametrize(
@@ -155,3 +157,21 @@ def test_core_attention_refuses_what_it_cannot_honour():
                                  AttnMaskType.causal, "self")
         out = attn(q, kv, kv, None)
     assert out.shape == (8, 1, 64)
+
+
+def test_core_attention_reads_the_runtime_plan_and_refuses_one_for_another_layout():
+    """A plan from the runtime gives what the same boundaries give through a plain PackedSeqParams; a plan
+    made for context parallelism that this layer was not built for is refused, naming both."""
+    with single_process_parallel():
+        attn = LucidCoreAttention(transformer_config(tiny_config(), ParallelConfig()), 1, AttnMaskType.causal, "self")
+        q, kv = torch.randn(12, 4, 16), torch.randn(12, 2, 16)
+        cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+        plain = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
+        planned = PackedDocuments.from_plan(build_plan([0, 5, 12], torch.device("cpu")))
+        assert planned.max_seqlen_q == 7 and torch.equal(planned.cu_seqlens_q, cu)
+        assert torch.equal(attn(q, kv, kv, None, packed_seq_params=planned),
+                           attn(q, kv, kv, None, packed_seq_params=plain))
+        cp_plan = build_plan([0, 12], torch.device("cpu"), cp_size=2, cp_rank=0, cp_comm_type="a2a")
+        with pytest.raises(ValueError, match=r"built for context_parallel_size=1, cp_comm_type=None .* plan of this "
+                                             r"batch says context_parallel_size=2, cp_comm_type='a2a'"):
+            attn(q[:6], kv[:6], kv[:6], None, packed_seq_params=PackedDocuments.from_plan(cp_plan))

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from lucid_megatron.numerics import relative_error
+
 from tests.distributed import run_on_ranks
 
 from .tp_workers import train_tiny
@@ -19,10 +21,6 @@ def runs():
     }
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 @pytest.mark.parametrize("layout", ["tp2", "tp2-sp"])
 def test_initialisation_is_independent_of_tp(runs, layout):
     want, got = runs["tp1"]["initial"], runs[layout]["initial"]
@@ -34,11 +32,11 @@ def test_initialisation_is_independent_of_tp(runs, layout):
 @pytest.mark.parametrize("layout", ["tp2", "tp2-sp"])
 def test_logits_loss_and_gradients_match_tp1(runs, layout):
     want, got = runs["tp1"], runs[layout]
-    assert _rel(got["logits"], want["logits"]) < 1e-5
+    assert relative_error(got["logits"], want["logits"]) < 1e-5
     assert (got["loss"] - want["loss"]).abs().max() < 1e-5
     assert got["grads"].keys() == want["grads"].keys()
     for name in want["grads"]:
-        assert _rel(got["grads"][name], want["grads"][name]) < 1e-4, name
+        assert relative_error(got["grads"][name], want["grads"][name]) < 1e-4, name
 
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2-sp"])
@@ -50,4 +48,4 @@ def test_sgd_loss_curve_matches_tp1(runs, layout):
 
 def test_sequence_parallel_matches_plain_tp(runs):
     for name, grad in runs["tp2"]["grads"].items():
-        assert _rel(runs["tp2-sp"]["grads"][name], grad) < 1e-4, name
+        assert relative_error(runs["tp2-sp"]["grads"][name], grad) < 1e-4, name

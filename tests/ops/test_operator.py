@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lucid_megatron.numerics import relative_error
 from lucid_megatron.ops import lucid_attention, lucid_precondition
 
 from .oracle import naive_lucid
@@ -36,12 +37,6 @@ CASES = [
 ]
 
 
-def _rel(a, b):
-    """max |a - b| / max |b|; absolute where the reference is exactly zero (dq at N=1)."""
-    scale = b.abs().max().item()
-    return (a.double() - b).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
 def _inputs(bsz, n, hq, hkv, d, dv, dtype):
     q = torch.randn(bsz, n, hq, d, dtype=torch.float64)
     k = torch.randn(bsz, n, hkv, d, dtype=torch.float64)
@@ -62,7 +57,7 @@ def _check_against_reference(q, k, v, grad_out, dtype, variant, cu_seqlens=None)
     got = _forward_backward(q, k, v, grad_out, dtype, cu_seqlens=cu_seqlens, **VARIANTS[variant])
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.dtype == dtype and g.shape == w.shape
-        err = _rel(g, w)
+        err = relative_error(g, w)
         assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.3g} > {TOLERANCE[dtype]}"
 
 
@@ -89,7 +84,7 @@ def test_packed_equals_documents_run_alone(variant):
             q[:, a:b], k[:, a:b], v[:, a:b], grad_out[:, a:b], torch.float64, **VARIANTS[variant]
         )
         for p, s in zip(packed, alone):
-            assert _rel(p[:, a:b], s) < 1e-12
+            assert relative_error(p[:, a:b], s) < 1e-12
 
 
 def test_gradcheck_blockwise():
@@ -116,12 +111,12 @@ def test_precondition_matches_token_loop_oracle(backend):
     got = lucid_precondition(k, v, backend=backend)
     assert got.shape == (2, 150, 3, 16)
     _, oracle_vp = naive_lucid(q, k.detach(), v.detach())
-    assert _rel(got, oracle_vp) < 1e-10
+    assert relative_error(got, oracle_vp) < 1e-10
     if backend == "blockwise":
         got_grads = torch.autograd.grad(got, (k, v), grad)
         want_grads = torch.autograd.grad(lucid_precondition(k, v, backend="reference"), (k, v), grad)
         for g, w in zip(got_grads, want_grads):
-            assert _rel(g, w) < 1e-10
+            assert relative_error(g, w) < 1e-10
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
@@ -133,4 +128,4 @@ def test_half_precision_blockwise(dtype, tol):
     got = _forward_backward(q, k, v, grad_out, dtype, backend="blockwise")
     for g, w in zip(got, want):
         assert g.dtype == dtype
-        assert _rel(g, w) < tol
+        assert relative_error(g, w) < tol

@@ -77,9 +77,9 @@ def cp_model_rank(rank, world_size, cp_comm_type, tp, overrides, doc_lengths):
 
     from lucid_megatron.config import ParallelConfig
     from lucid_megatron.data.loader import MicroBatch
-    from lucid_megatron.parallel.context import split_micro_batch
     from lucid_megatron.parallel.state import initialize_parallel
     from lucid_megatron.parallel.tensor_parallel import full_gradients
+    from lucid_megatron.runtime import Runtime
     from lucid_megatron.train.engine import micro_batch_loss_sum
     from tests.model.common import build, tiny_config
 
@@ -98,9 +98,8 @@ def cp_model_rank(rank, world_size, cp_comm_type, tp, overrides, doc_lengths):
     mb = MicroBatch(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_weight=weights,
                     position_ids=torch.cat([torch.arange(m) for m in doc_lengths])[None], cu_seqlens=cu,
                     max_seqlen=max(doc_lengths), num_rows=1, stream_states={})
-    if cp > 1:
-        mb = split_micro_batch(mb, cp, parallel_state.get_context_parallel_rank(), multiple_of=tp)
-    loss = micro_batch_loss_sum(model, mb)
+    runtime = Runtime(torch.device("cpu"), tp, cp, sequence_parallel=tp > 1, cp_comm_type=cp_comm_type)
+    loss = micro_batch_loss_sum(model, runtime.micro_batch(mb))  # under CP: the zigzag split and its plan
     loss.backward()
     cp_group = parallel_state.get_context_parallel_group()
     total = loss.detach().reshape(1).clone()

@@ -102,9 +102,10 @@ def test_a_training_step_keeps_every_tensor_on_the_device(stand_in, dataset):
     batches = [next(loader) for _ in range(2)]
     placed = runtime.micro_batches(batches)
     for mb, source in zip(placed, batches):
-        for name in ("tokens", "labels", "loss_weight", "position_ids", "cu_seqlens"):
+        for name in ("tokens", "labels", "loss_weight", "position_ids"):
             assert getattr(mb, name).device == META, name
-        assert mb.cu_seqlens_host == tuple(source.cu_seqlens.tolist())  # boundaries stay readable on the host
+        assert mb.plan.cu_seqlens_device.device == META
+        assert mb.plan.cu_seqlens == tuple(source.cu_seqlens.tolist())  # boundaries stay readable on the host
 
     train_step(engine, runtime, placed, lr=1e-3)
     assert engine.backward_calls == 2
@@ -126,24 +127,28 @@ def test_a_training_step_keeps_every_tensor_on_the_device(stand_in, dataset):
 
 
 def test_the_cp_split_builds_the_layout_once_with_the_index_map():
-    """Under CP the split makes the zigzag layout and each local token's source index once per micro-batch;
-    packed_seq_params hands that same layout to every attention layer."""
+    """Under CP the split gives each local token's source index and the plan the zigzag layout, once per
+    micro-batch; packed_seq_params hands that same plan to every attention layer."""
     import dataclasses
 
     from lucid_megatron.parallel.context import ZigzagLayout, split_micro_batch
-    from lucid_megatron.runtime.placement import packed_seq_params
+    from lucid_megatron.parallel.plan import build_plan
+    from lucid_megatron.runtime.placement import PlacedMicroBatch, packed_seq_params
 
     mb = MicroBatch.padding(num_rows=1, seq_length=23, pad_id=0)
     mb = dataclasses.replace(mb, tokens=torch.arange(1, 24).reshape(1, -1),
                              cu_seqlens=torch.tensor([0, 9, 23], dtype=torch.int32))
     seen = []
     for rank in (0, 1):
-        local = split_micro_batch(mb, 2, rank)
-        seen += local.source_positions[local.source_positions >= 0].tolist()
-        assert local.cp_layout == ZigzagLayout((12, 16), 2, rank)  # documents padded to multiples of 2 * cp
-        assert packed_seq_params(local).cp_layout is local.cp_layout
-        real = local.source_positions >= 0
-        assert torch.equal(local.tokens[0][real], mb.tokens[0][local.source_positions[real]])
+        local, source_positions = split_micro_batch(mb, 2, rank)
+        plan = build_plan(local.cu_seqlens.tolist(), torch.device("cpu"), cp_size=2, cp_rank=rank,
+                          cp_comm_type="p2p", source_positions=source_positions)
+        seen += plan.source_positions[plan.source_positions >= 0].tolist()
+        assert plan.layout == ZigzagLayout((12, 16), 2, rank)  # documents padded to multiples of 2 * cp
+        placed = PlacedMicroBatch(local.tokens, local.labels, local.loss_weight, local.position_ids, plan)
+        assert packed_seq_params(placed).plan is plan
+        real = plan.source_positions >= 0
+        assert torch.equal(local.tokens[0][real], mb.tokens[0][plan.source_positions[real]])
         assert (local.tokens[0][~real] == 0).all()
     assert sorted(seen) == list(range(23))  # every token on exactly one rank
 

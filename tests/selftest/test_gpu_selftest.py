@@ -1,15 +1,13 @@
 """`lucid selftest gpu --cpu-smoke`: every part of the GPU acceptance run, at toy sizes on CPU."""
 
 import json
-import subprocess
-import sys
+
+from tests import background
 
 
-def test_cpu_smoke_runs_every_part(tmp_path):
-    out = tmp_path / "selftest"
-    result = subprocess.run([sys.executable, "-m", "lucid_megatron", "selftest", "gpu", "--out", str(out), "--cpu-smoke"],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+def test_cpu_smoke_runs_every_part():
+    # `lucid selftest gpu --out DIR --cpu-smoke`, started with the session in the background (tests/background.py)
+    out = background.job("selftest").result() / "selftest"
     parts = json.loads((out / "results.json").read_text())["parts"]
     assert [parts[p]["status"] for p in ("kernels", "training", "resume", "hf", "timings")] == ["PASS"] * 5
 

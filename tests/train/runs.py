@@ -4,10 +4,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+
+from lucid_megatron.runtime import commands
 
 # A small run: the tiny model on a small synthetic retrieval dataset, 2 gloo processes in seconds.
 BASE_CONFIG = {
@@ -42,13 +43,9 @@ def write_config(directory: Path, dataset: Path, name: str = "config.yaml") -> P
 
 
 def train_command(config: Path, run_dir: Path, *, nproc: int = 1, overrides=(), resume=None) -> list[str]:
-    command = [sys.executable, "-m", "lucid_megatron", "train", str(config), "--run-dir", str(run_dir),
-               "--nproc-per-node", str(nproc)]
-    for assignment in overrides:
-        command += ["--set", assignment]
-    if resume:
-        command += ["--resume", resume]
-    return command
+    """The `lucid train` process command (runtime/commands.py builds its arguments)."""
+    return commands.process_command(commands.train_command(config, run_dir, overrides=overrides, resume=resume,
+                                                           nproc_per_node=nproc))
 
 
 def train_env() -> dict:

@@ -10,7 +10,7 @@ import yaml
 
 from lucid_megatron.config import ConfigError
 from lucid_megatron.config.train import CONFIG_DIR, config_from_dict, dump_config, load_train_config
-from lucid_megatron.train.schedule import check_layout, gradient_accumulation_steps, lr_at
+from lucid_megatron.train.schedule import gradient_accumulation_steps, lr_at, split_world
 
 TRAIN_CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 
@@ -54,6 +54,10 @@ def test_softmax_baseline_is_one_override_away():
     "override,match",
     [
         ("train.stepz=3", r"train.stepz: unknown key; allowed: steps, global_batch_size"),
+        # removed when optimizer/ became the only optimizer state (a checkpoint always holds it)
+        ("checkpoint.reshardable_optimizer=false", r"checkpoint.reshardable_optimizer: unknown key; allowed: interval, "
+                                                   r"keep_last, init_from, async_save"),
+        ("checkpoint.async_save=sometimes", r"checkpoint.async_save: expected"),
         ("optimizer.lr=fast", r"optimizer.lr: expected float, got 'fast'"),
         ("train.steps=ten", r"train.steps: expected int, got 'ten'"),
         ("train.zero_stage=4", r"train.zero_stage: 4 is not allowed; allowed: 0, 1, 2, 3"),
@@ -77,11 +81,11 @@ def test_bad_values_are_named(override, match):
 def test_layout_checks_need_the_world_size():
     cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["train.global_batch_size=12", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match=r"global_batch_size: 12 is not divisible by micro_batch_size x data_parallel \(4 x 2\)"):
-        check_layout(cfg, 2)
+        split_world(cfg, 2)
     cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.tensor_parallel_size=2", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match=r"world size \(3 processes\) is not divisible"):
-        check_layout(cfg, 3)
-    layout = check_layout(cfg, 4)
+        split_world(cfg, 3)
+    layout = split_world(cfg, 4)
     assert layout.data_parallel == 2 and gradient_accumulation_steps(cfg, layout) == 2
 
 
@@ -117,8 +121,8 @@ def test_context_parallel_that_cannot_be_honoured_is_refused():
     cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.context_parallel_size=3"])
     with pytest.raises(ConfigError, match=r"world size \(2 processes\) is not divisible by tensor_parallel_size x "
                                           r"context_parallel_size \(1 x 3\)"):
-        check_layout(cfg, 2)
-    assert check_layout(cfg, 3).data_parallel == 1
+        split_world(cfg, 2)
+    assert split_world(cfg, 3).data_parallel == 1
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
@@ -146,7 +150,7 @@ def test_a_hierarchical_layout_that_works_is_accepted():
     cfg = load_train_config(CONFIG_DIR / "demo.yaml", ["parallel.context_parallel_size=4",
                                                         "parallel.cp_comm_type=a2a+p2p",
                                                         "parallel.hierarchical_context_parallel_sizes=[2, 2]"])
-    assert cfg.parallel.a2a_group_size == 2 and check_layout(cfg, 8).data_parallel == 2
+    assert cfg.parallel.a2a_group_size == 2 and split_world(cfg, 8).data_parallel == 2
 
 
 # ---- hostile and broken config files -------------------------------------------------------------

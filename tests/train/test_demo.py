@@ -3,8 +3,9 @@ processes through torchrun, checkpoints, TensorBoard, and the final retrieval ev
 
 import json
 import subprocess
-import sys
 from pathlib import Path
+
+from lucid_megatron.runtime.commands import process_command, train_command
 
 from .runs import train_env, train_records
 
@@ -16,9 +17,7 @@ def test_demo_config_runs(tmp_path):
     overrides = ["train.steps=6", "data.path=" + str(tmp_path / "data"), "data.synth.train_docs=400",
                  "data.synth.valid_docs=16", "data.synth.docs_per_shard=50", "data.eval_rows=8",
                  "logging.interval=2", "checkpoint.interval=3", "final_eval.num_samples=4"]
-    command = [sys.executable, "-m", "lucid_megatron", "train", "configs/demo.yaml", "--run-dir", str(run_dir)]
-    for assignment in overrides:
-        command += ["--set", assignment]
+    command = process_command(train_command("configs/demo.yaml", run_dir, overrides=overrides))
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=train_env())
     assert result.returncode == 0, result.stderr[-5000:]
     assert "world 2 = DP 2 x CP 1 x TP 1" in result.stdout  # the demo runs 2 processes

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lucid_megatron.train.metrics import MetricsLogger
+from tests.distributed import run_on_ranks
 
 from .runs import metrics, run_train, small_training_config, train_command, train_env, train_records
 
@@ -100,12 +101,10 @@ class _RunsCode:
         return os.system, (self.command,)
 
 
-@pytest.fixture(scope="module")
-def two_checkpoints(config, tmp_path_factory):
-    """A run with checkpoints at steps 2 and 4 (and its losses), to damage copies of."""
-    run_dir = tmp_path_factory.mktemp("two") / "run"
-    run_train(config, run_dir, overrides=["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=3"])
-    return run_dir
+def _crafted_legacy_file(path, marker):
+    """Checkpoints from before optimizer/ was the only optimizer state also hold deepspeed/: still scanned."""
+    path.parent.mkdir(parents=True)
+    torch.save({"x": _RunsCode(f"touch {marker}")}, path)
 
 
 def _truncate(path, keep=0.5):
@@ -116,8 +115,8 @@ def _truncate(path, keep=0.5):
 DAMAGES = {
     "truncated model shard": (lambda step, marker: _truncate(sorted((step / "model").glob("*.distcp"))[0]),
                               "model/__0_0.distcp is truncated"),
-    "truncated optimizer file": (lambda step, marker: _truncate(next((step / "deepspeed").rglob("*.pt"))),
-                                 "unreadable"),
+    "truncated optimizer file": (lambda step, marker: _truncate(sorted((step / "optimizer").glob("*.distcp"))[0]),
+                                 "optimizer/__0_0.distcp is truncated"),
     "empty state.json": (lambda step, marker: (step / "state.json").write_text(""), "JSONDecodeError"),
     "crafted RNG file": (lambda step, marker: torch.save({"cpu": _RunsCode(f"touch {marker}")}, step / "rng" / "rank_0.pt"),
                          "UnpicklingError"),
@@ -125,38 +124,81 @@ DAMAGES = {
         pickle.dumps(_RunsCode(f"touch {marker}"))), ".metadata names classes outside a checkpoint index (posix.system)"),
     "crafted reshardable optimizer index": (lambda step, marker: (step / "optimizer" / ".metadata").write_bytes(
         pickle.dumps(_RunsCode(f"touch {marker}"))), "optimizer/.metadata names classes outside a checkpoint index"),
-    "crafted DeepSpeed file": (
-        lambda step, marker: torch.save({"x": _RunsCode(f"touch {marker}")}, next((step / "deepspeed").rglob("*.pt"))),
+    "crafted DeepSpeed file of an earlier checkpoint format": (
+        lambda step, marker: _crafted_legacy_file(step / "deepspeed" / "state" / "mp_rank_00_model_states.pt", marker),
         "names classes outside DeepSpeed's state (posix.system): refused"),
 }
 
 
+STEPS = len(DAMAGES) + 1  # a checkpoint at every step: step 1 intact, one damage in each later one
+
+
+@pytest.fixture(scope="module")
+def resumed_past_damage(config, tmp_path_factory):
+    """A run with a checkpoint at every step, copied, each checkpoint after step 1 damaged in its own way, then
+    resumed once with --resume auto: it must skip them all, newest first, and continue exactly from step 1.
+    Returns (the undamaged run, the resumed run, its output, {damage: the file its crafted pickle would create})."""
+    root = tmp_path_factory.mktemp("damaged")
+    common = [f"train.steps={STEPS}", "checkpoint.interval=1", f"checkpoint.keep_last={STEPS}"]
+    original, run_dir = root / "original", root / "run"
+    run_train(config, original, overrides=common)
+    shutil.copytree(original, run_dir)
+    markers = {}
+    for step, (name, (make_damage, _)) in enumerate(DAMAGES.items(), start=2):
+        markers[name] = root / f"code-ran-at-step-{step}"
+        make_damage(run_dir / "checkpoints" / f"step_{step:08d}", markers[name])
+    result = run_train(config, run_dir, overrides=common, resume="auto")
+    return original, run_dir, result, markers
+
+
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_a_damaged_or_unsafe_latest_checkpoint_is_skipped(config, two_checkpoints, tmp_path, damage):
-    run_dir = tmp_path / "run"
-    shutil.copytree(two_checkpoints, run_dir)
-    marker = tmp_path / "code-ran"
-    make_damage, reason = DAMAGES[damage]
-    make_damage(run_dir / "checkpoints" / "step_00000004", marker)
-    result = run_train(config, run_dir, overrides=["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=3"],
-                       resume="auto")
-    assert f"skipping checkpoint {run_dir}/checkpoints/step_00000004: rank 0: " in result.stdout
-    assert reason in result.stdout, result.stdout[-3000:]
-    assert f"resuming from {run_dir}/checkpoints/step_00000002" in result.stdout
-    assert not marker.exists()  # nothing in the crafted files ran
-    want, got = train_records(two_checkpoints), train_records(run_dir)
-    assert [got[s]["loss"] for s in (3, 4)] == [want[s]["loss"] for s in (3, 4)]  # the exact continuation
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+def test_a_damaged_or_unsafe_latest_checkpoint_is_skipped(resumed_past_damage, damage):
+    original, run_dir, result, markers = resumed_past_damage
+    step = list(DAMAGES).index(damage) + 2
+    _, reason = DAMAGES[damage]
+    prefix = f"skipping checkpoint {run_dir}/checkpoints/step_{step:08d}: rank 0: "
+    skipped = [line for line in result.stdout.splitlines() if prefix in line]
+    assert len(skipped) == 1 and reason in skipped[0], result.stdout[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/step_00000001" in result.stdout
+    assert not markers[damage].exists()  # nothing in the crafted files ran
+    want, got = train_records(original), train_records(run_dir)
+    assert [got[s]["loss"] for s in range(2, STEPS + 1)] == [want[s]["loss"] for s in range(2, STEPS + 1)]  # exact
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
+
+
+def _rewrite_moments(rank, world_size, directory):
+    """Read a checkpoint's optimizer/ whole (one gloo rank), set every first moment to 3e38 and every second
+    moment to 0, and write it back the same way."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from lucid_megatron.parallel.cpu_shim import apply_cpu_shim
+
+    apply_cpu_shim()  # Megatron's writer synchronizes CUDA around its writes
+    dist.init_process_group("gloo")
+    metadata = dist_checkpointing.load_tensors_metadata(directory)
+    loaded = dist_checkpointing.load({k: v for k, v in metadata.items()}, directory)
+    poisoned = {}
+    for key, meta in metadata.items():
+        value = loaded[key]
+        if key.startswith("exp_avg."):
+            value.fill_(3e38)
+        elif key.startswith("exp_avg_sq."):
+            value.zero_()
+        poisoned[key] = dataclasses.replace(meta, data=value, dtype=value.dtype)
+    poisoned.update(dist_checkpointing.load_common_state_dict(directory))
+    rewritten = directory + ".poisoned"
+    os.makedirs(rewritten)
+    dist_checkpointing.save(poisoned, rewritten)
+    shutil.rmtree(directory)
+    os.rename(rewritten, directory)
 
 
 def _explode_adam_moments(step_dir):
-    """Blow up the first moments in a (ZeRO-0) checkpoint: the next update overflows while its loss is finite."""
-    path = next((step_dir / "deepspeed").rglob("mp_rank_00_model_states.pt"))
-    state = torch.load(path, weights_only=False)  # our own test checkpoint
-    for moments in state["optimizer"]["state"].values():
-        moments["exp_avg"].fill_(3e38)
-        moments["exp_avg_sq"].zero_()
-    torch.save(state, path)
+    """Blow up the first moments in a checkpoint: the next update overflows while its loss is finite."""
+    run_on_ranks(_rewrite_moments, 1, str(step_dir / "optimizer"))
 
 
 def test_non_finite_weights_stop_the_run_and_are_never_saved(config, tmp_path):
@@ -227,8 +269,6 @@ def test_a_worker_stuck_after_sigterm_is_killed_after_the_grace_period(config, t
 
 
 def test_a_collective_timeout_names_the_rank_and_the_phase():
-    from tests.distributed import run_on_ranks
-
     messages = run_on_ranks(_miss_a_collective, 2, timeout=120)
     assert "rank 0: validation after step 7: a collective did not complete within 3 s" in messages[0]
     assert messages[1] == "skipped"
@@ -262,16 +302,21 @@ def test_ctrl_c_saves_and_stops(config, tmp_path):
     assert (run_dir / "checkpoints" / "latest").exists()
 
 
-def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(config, tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(config, tmp_path, background):
+    """Two ranks, each writing its own ZeRO fragments: the same message whether the training processes write the
+    checkpoint or forked writers do (then the failure is found when the writes are collected, on every rank,
+    and the run stops without publishing it)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small file system here (needs root): {mounted.stderr.strip()}")
     try:
-        run_dir = disk / "run"  # one 4.1 MB checkpoint fits, the second does not
-        result = run_train(config, run_dir, overrides=["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=1"],
-                           expect_ok=False)
+        run_dir = disk / "run"  # one 2.5 MB checkpoint fits, the second does not
+        result = run_train(config, run_dir, nproc=2, expect_ok=False,
+                           overrides=["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=1",
+                                      "train.zero_stage=1", f"checkpoint.async_save={str(background).lower()}"])
         assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
         assert f"saving the checkpoint of step 4 under {run_dir}/checkpoints failed" in result.stderr
         assert "The file system is full" in result.stderr

@@ -6,12 +6,13 @@ import math
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 import psutil
+
+from lucid_megatron.runtime.commands import NiahOptions, niah_command, process_command
 
 from .runs import BASE_CONFIG, run_train, train_command, train_env
 
@@ -20,8 +21,8 @@ TASK = {"min_len": 48, "max_len": 64, "num_needles": 2, "num_queries": 1, "key_l
         "filler_words": 4}
 FINAL_EVAL = {"lengths": [48, 64], "num_samples": 12, "batch_size": 5, "seed": 3}
 # The same settings spelled as `lucid eval niah` options (the task's defaults written out where they matter).
-NIAH_OPTIONS = ["--lengths", "48", "64", "--needles", "2", "--queries", "1", "--key-len", "1", "--value-len", "2",
-                "--filler-words", "4", "--num-samples", "12", "--batch-size", "5", "--seed", "3"]
+NIAH_OPTIONS = NiahOptions(lengths=[48, 64], needles=2, queries=1, key_len=1, value_len=2, filler_words=4,
+                           num_samples=12, batch_size=5, seed=3)
 
 
 def _config(tmp_path):
@@ -50,9 +51,8 @@ def test_final_eval_scores_the_finished_run_as_lucid_eval_niah_does(tmp_path):
     assert (run_dir / "eval" / "niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     reference_out = tmp_path / "reference.json"
-    reference = subprocess.run([sys.executable, "-m", "lucid_megatron", "eval", "niah", "--checkpoint",
-                                str(checkpoint), *NIAH_OPTIONS, "--out", str(reference_out)],
-                               capture_output=True, text=True, timeout=300, env=train_env())
+    command = process_command(niah_command(NIAH_OPTIONS, checkpoints=[checkpoint], out=reference_out))
+    reference = subprocess.run(command, capture_output=True, text=True, timeout=300, env=train_env())
     assert reference.returncode == 0, reference.stderr[-4000:]
     reference = json.loads(reference_out.read_text())
     assert results["task"] == reference["task"]

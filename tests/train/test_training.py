@@ -1,10 +1,13 @@
 """`lucid train` end to end on CPU with real gloo processes, DeepSpeed, checkpoints and TensorBoard."""
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -39,18 +42,49 @@ def _assert_close(a, b, tol):
 # ---- equivalence of layouts -------------------------------------------------------------------
 
 
+# Every layout run below has the same schedule, and saves at step 4: the equivalence tests compare their curves
+# and the resharding tests resume their step-4 checkpoints at other layouts, so each run is made once.
+LAYOUT_RUN = ["train.steps=6", "checkpoint.interval=4", "logging.progress=true"]
+LAYOUTS = {"dp1": (1, []), "dp2": (2, []), "tp2": (2, ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"])}
+
+
 @pytest.fixture(scope="module")
-def reference_run(config, tmp_path_factory):
+def torch_extensions(tmp_path_factory):
+    """Where DeepSpeed would build its C++ ops during the shared runs: it must stay empty (none is needed)."""
+    return tmp_path_factory.mktemp("torch_extensions")
+
+
+@pytest.fixture(scope="module")
+def layout_run(config, tmp_path_factory, torch_extensions):
+    """``layout_run(layout, stage)``: the finished run (and its console output) of LAYOUT_RUN at that layout and
+    ZeRO stage, trained on first use and shared by every test that only reads it."""
+    done = {}
+
+    def run(layout: str, stage: int):
+        if (layout, stage) not in done:
+            nproc, extra = LAYOUTS[layout]
+            run_dir = tmp_path_factory.mktemp(f"{layout}-zero{stage}") / "run"
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("TORCH_EXTENSIONS_DIR", str(torch_extensions))
+                # ZeRO-3's runs write their checkpoints in the background: the resharding tests resume them
+                background = ["checkpoint.async_save=true"] if stage == 3 else []
+                result = run_train(config, run_dir, nproc=nproc,
+                                   overrides=LAYOUT_RUN + [f"train.zero_stage={stage}"] + extra + background)
+            done[layout, stage] = run_dir, result
+        return done[layout, stage]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference_run(layout_run):
     """DP=1, ZeRO-0, 6 steps: the curve every other layout must reproduce."""
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    run_train(config, run_dir, overrides=["train.steps=6"])
-    return run_dir
+    return layout_run("dp1", 0)[0]
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stages_and_dp2_reproduce_dp1(config, reference_run, tmp_path, stage):
-    run_dir = tmp_path / "run"
-    run_train(config, run_dir, nproc=2, overrides=["train.steps=6", f"train.zero_stage={stage}"])
+def test_zero_stages_and_dp2_reproduce_dp1(layout_run, reference_run, stage):
+    run_dir, _ = layout_run("dp2", stage)
     want, got = train_records(reference_run), train_records(run_dir)
     _assert_close(_losses(run_dir), _losses(reference_run), 2e-5)
     # the same rows went into every step
@@ -58,10 +92,8 @@ def test_zero_stages_and_dp2_reproduce_dp1(config, reference_run, tmp_path, stag
     assert want[6]["loss"] < want[1]["loss"]
 
 
-def test_tp2_reproduces_tp1(config, reference_run, tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(config, run_dir, nproc=2, overrides=["train.steps=6", "parallel.tensor_parallel_size=2",
-                                                   "parallel.sequence_parallel=true", "train.zero_stage=1"])
+def test_tp2_reproduces_tp1(layout_run, reference_run):
+    run_dir, _ = layout_run("tp2", 1)
     _assert_close(_losses(run_dir), _losses(reference_run), 2e-5)
 
 
@@ -97,10 +129,15 @@ def ten_steps(config, tmp_path_factory):
 
 
 def test_resume_is_bit_exact(config, ten_steps, tmp_path):
+    """Stopped at step 5 with a checkpoint written in the background (the run waits for it before exiting), then
+    resumed: the uninterrupted run's losses, bit for bit."""
     run_dir = tmp_path / "run"
     common = ["train.steps=10", "train.zero_stage=1"]
-    run_train(config, run_dir, nproc=2, overrides=common + ["train.stop_at_step=5"])
+    stopped = run_train(config, run_dir, nproc=2, overrides=common + ["train.stop_at_step=5", "checkpoint.async_save=true"])
+    assert "step 5: writing step_00000005 in the background" in stopped.stdout
+    assert re.search(r"step 5: waited \d+\.\d+ s for step_00000005 to be written before exiting", stopped.stdout)
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000005"
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
     assert max(train_records(run_dir)) == 5
     run_train(config, run_dir, nproc=2, overrides=common, resume="auto")
     want, got = train_records(ten_steps), train_records(run_dir)
@@ -110,9 +147,12 @@ def test_resume_is_bit_exact(config, ten_steps, tmp_path):
 
 
 def test_sigterm_saves_and_resumes_exactly(config, ten_steps, tmp_path):
+    """SIGTERM while checkpoints are written in the background after every step: the run saves its last step,
+    waits for every write, exits 0, and resumes exactly."""
     run_dir = tmp_path / "run"
     common = ["train.steps=10", "train.zero_stage=1"]
-    proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=common), env=train_env(),
+    background = ["checkpoint.async_save=true", "checkpoint.interval=1"]
+    proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=common + background), env=train_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -125,17 +165,22 @@ def test_sigterm_saves_and_resumes_exactly(config, ten_steps, tmp_path):
     assert "received SIGTERM" in out
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
     assert 2 <= stopped_at < 10
+    assert "waited" in out and not list((run_dir / "checkpoints").glob("*.partial"))
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").exists()
     run_train(config, run_dir, nproc=2, overrides=common, resume="auto")
     want, got = train_records(ten_steps), train_records(run_dir)
     assert [got[s]["loss"] for s in range(1, 11)] == [want[s]["loss"] for s in range(1, 11)]
     assert [got[s]["data_digest"] for s in range(1, 11)] == [want[s]["data_digest"] for s in range(1, 11)]
 
 
-def test_sigkill_during_save_keeps_previous_checkpoint(config, tmp_path):
-    """Kill the whole job while step 4's checkpoint is being written: step 2's stays the one to use."""
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_sigkill_during_save_keeps_previous_checkpoint(config, tmp_path, background):
+    """Kill the whole job while step 4's checkpoint is being written (by the training processes, or in the
+    background by their forked writers): step 2's stays the one to use."""
     run_dir = tmp_path / "run"
     bigger = ["model.hidden_size=256", "model.ffn_hidden_size=704", "model.num_layers=4",
-              "train.steps=8", "checkpoint.interval=2", "checkpoint.keep_last=3", "train.zero_stage=1"]
+              "train.steps=8", "checkpoint.interval=2", "checkpoint.keep_last=3", "train.zero_stage=1",
+              f"checkpoint.async_save={str(background).lower()}"]
     proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=bigger), env=train_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     partial = run_dir / "checkpoints" / "step_00000004.partial"
@@ -157,6 +202,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(config, tmp_path):
     assert not alive, f"processes of the killed job still alive: {alive}"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
     assert not (run_dir / "checkpoints" / "step_00000004").exists()
+    assert len(list((run_dir / "checkpoints").glob("*.partial"))) == 1  # at most one save in flight
     run_train(config, run_dir, nproc=2, overrides=bigger, resume="auto")
     records = train_records(run_dir)
     assert sorted(records) == list(range(1, 9))
@@ -167,40 +213,36 @@ def test_sigkill_during_save_keeps_previous_checkpoint(config, tmp_path):
 # ---- resharding -------------------------------------------------------------------------------
 
 
-LAYOUTS = {"dp1": (1, []), "dp2": (2, []), "tp2": (2, ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"])}
-
-
 @pytest.mark.parametrize(
     "saved,loaded,stage",
     [("dp2", "dp1", 1), ("dp2", "dp1", 2), ("dp2", "dp1", 3), ("tp2", "dp1", 1), ("tp2", "dp1", 2), ("tp2", "dp1", 3),
      ("tp2", "dp1", 0), ("dp1", "dp2", 2)],
 )
-def test_resharded_resume_continues_with_the_adam_state(config, tmp_path, monkeypatch, saved, loaded, stage):
-    """Saved at one layout (step 5 of 7), resumed at another: steps 6 and 7 give the un-resharded
-    continuation's losses within 1e-5.  Step 6's loss only needs the weights; step 7's needs AdamW's moments
-    and step count after the update of step 6 (restarting them moves it by about 1e-2 here).
+def test_resharded_resume_continues_with_the_adam_state(config, layout_run, torch_extensions, tmp_path, monkeypatch,
+                                                         saved, loaded, stage):
+    """Saved at one layout (step 4 of 6), resumed at another: steps 5 and 6 give the un-resharded
+    continuation's losses within 1e-5.  Step 5's loss only needs the weights; step 6's needs AdamW's moments
+    and step count after the update of step 5 (restarting them moves it by about 1e-2 here).
 
     The same runs check the console: only our own lines, the library warnings in RUN_DIR/logs (ZeRO-3's
     deprecated collective once per process, not once per step; Megatron's CUDA_DEVICE_MAX_CONNECTIONS hint
     under TP + SP; the ShardedTensor notices of the resharded load), and no DeepSpeed op built."""
-    extensions = tmp_path / "torch_extensions"
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
-    (save_nproc, save_layout), (load_nproc, load_layout) = LAYOUTS[saved], LAYOUTS[loaded]
-    common = ["train.steps=7", f"train.zero_stage={stage}", "checkpoint.interval=5", "logging.progress=true"]
-    continued = tmp_path / "continued"
-    first = run_train(config, continued, nproc=save_nproc, overrides=common + save_layout)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(torch_extensions))
+    (save_nproc, _), (load_nproc, load_layout) = LAYOUTS[saved], LAYOUTS[loaded]
+    continued, first = layout_run(saved, stage)  # the uninterrupted run, shared with the equivalence tests
     resumed = tmp_path / "resumed"
-    result = run_train(config, resumed, nproc=load_nproc, overrides=common + load_layout,
-                       resume=str(continued / "checkpoints" / "step_00000005"))
-    assert "AdamW state (5 updates) resharded" in result.stdout
+    result = run_train(config, resumed, nproc=load_nproc,
+                       overrides=LAYOUT_RUN + [f"train.zero_stage={stage}"] + load_layout,
+                       resume=str(continued / "checkpoints" / "step_00000004"))
+    assert "AdamW state (4 updates) resharded" in result.stdout
     want, got = train_records(continued), train_records(resumed)
-    assert sorted(got) == [6, 7]
-    for step in (6, 7):
+    assert sorted(got) == [5, 6]
+    for step in (5, 6):
         assert abs(got[step]["loss"] - want[step]["loss"]) < 1e-5, (step, got[step]["loss"], want[step]["loss"])
-    assert [got[s]["data_digest"] for s in (6, 7)] == [want[s]["data_digest"] for s in (6, 7)]
+    assert [got[s]["data_digest"] for s in (5, 6)] == [want[s]["data_digest"] for s in (5, 6)]
 
     assert foreign_console_lines(first) == [] and foreign_console_lines(result) == []
-    assert len(re.findall(r"^step \d/7 \[", first.stdout, re.M)) == 7  # progress is ours: still shown
+    assert len(re.findall(r"^step \d/6 \[", first.stdout, re.M)) == 6  # progress is ours: still shown
     saved_logs = {p.name: p.read_text() for p in (continued / "logs").iterdir()}
     assert sorted(saved_logs) == ["launcher.log"] * (save_nproc > 1) + [f"rank_{r}.log" for r in range(save_nproc)]
     assert "Transformer Engine and Apex are not installed" in saved_logs["rank_0.log"]
@@ -210,7 +252,7 @@ def test_resharded_resume_continues_with_the_adam_state(config, tmp_path, monkey
     if saved == "tp2":
         assert "CUDA_DEVICE_MAX_CONNECTIONS" in saved_logs["rank_0.log"]
     assert "deprecating ShardedTensor" in (resumed / "logs" / "rank_0.log").read_text()
-    assert not extensions.exists() or not any(extensions.iterdir())
+    assert not torch_extensions.exists() or not any(torch_extensions.iterdir())
 
 
 # ---- logging, faults, validation --------------------------------------------------------------
@@ -297,3 +339,25 @@ def test_te_spec_without_transformer_engine_fails_before_any_process_starts(conf
     assert "pip install --no-build-isolation 'transformer-engine[pytorch]'" in result.stderr
     assert "torch.distributed" not in result.stderr and not (tmp_path / "run").exists()
     assert time.monotonic() - started < 60
+
+
+# ---- checkpoints written by earlier versions ----------------------------------------------------
+
+LEGACY = Path(__file__).parent / "fixtures" / "checkpoint-with-deepspeed-dir"
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes(config, tmp_path):
+    """Step 2 of a DP=2 ZeRO-1 run saved by the code before optimizer/ was the only optimizer state (it also
+    holds deepspeed/, and optimizer/ as whole tensor-parallel-local tensors), kept as a fixture with that run's
+    losses of steps 3 and 4: resumed by today's code, the continuation gives those losses."""
+    recorded = json.loads((LEGACY / "run.json").read_text())
+    run_dir = tmp_path / "run"
+    shutil.copytree(LEGACY / "step_00000002", run_dir / "checkpoints" / "step_00000002")
+    result = run_train(config, run_dir, nproc=2, overrides=recorded["overrides"], resume="auto")
+    assert "step_00000002: optimizer and RNG state restored" in result.stdout
+    got = train_records(run_dir)
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step]["loss"] == pytest.approx(recorded["losses"][str(step)], rel=1e-6, abs=0), step
+        assert got[step]["data_digest"] == recorded["digests"][str(step)]
+    assert not (run_dir / "checkpoints" / "step_00000004" / "deepspeed").exists()  # written in today's format
