@@ -1,7 +1,8 @@
 """The ``lucid`` command line: one entry point, one subcommand per job.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
-registering a new one is one line in ``SUBCOMMANDS``.
+registering a new one is one line in ``SUBCOMMANDS``. Options take their types from cli_args.py, so that
+argparse refuses bad values before any work; exit codes and validation rules are in docs/cli.md.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import argparse
 import importlib
 import sys
 import warnings
+
+from lucid_megatron.cli_args import USAGE
 
 # name -> (module, one-line help).  Modules are imported only when their command runs.
 SUBCOMMANDS = {
@@ -62,12 +65,17 @@ LOADS_DEEPSPEED = {"convert", "eval", "experiment"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``lucid ARGV``; returns the exit code: 0, 1 for a failure at run time, 2 for bad usage or input
+    (argparse's own errors included: every subcommand's options are validated by their types, cli_args.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command(argv)
     if command not in LOGS_LIBRARY_OUTPUT:
         for pattern in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
-    args = build_parser(command).parse_args(argv)
+    try:
+        args = build_parser(command).parse_args(argv)
+    except SystemExit as stop:  # --help, --version (0), or a bad argument, already reported (2)
+        return stop.code if isinstance(stop.code, int) else USAGE
     if command in LOADS_DEEPSPEED:
         from lucid_megatron.runtime.process import choose_deepspeed_accelerator
 

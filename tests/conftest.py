@@ -25,7 +25,8 @@ SESSION_GROUPS = ("tests/convert/",)
 LONGEST_FIRST = ("tests/train/test_training.py", "tests/launch/test_slurm.py", "tests/convert/",
                  "tests/train/test_faults.py", "tests/eval/test_experiment.py", "tests/eval/test_eval.py",
                  "tests/train/test_mixture_training.py", "tests/data/test_prepare.py",
-                 "tests/parallel/test_cp_model.py", "tests/parallel/test_cp_attention.py")
+                 "tests/train/test_resume_checks.py", "tests/parallel/test_cp_model.py",
+                 "tests/parallel/test_cp_attention.py", "tests/checkpoint/test_reader_lock.py")
 
 
 def _group(nodeid: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    {"errors", "atomic", "timing", "numerics"},
+    {"errors", "atomic", "timing", "numerics", "memory_estimate", "cli_args"},
     {"ops", "lucid_triton"},
     {"data"},
     {"config"},

@@ -20,18 +20,26 @@ current layout (``optimizer_state.py``): on the layout it was saved with the val
 RNG streams are restored too (bit-exact continuation); on another TP/DP/ZeRO layout they are resharded and
 only the per-rank RNG streams restart.  Checkpoints written before ``optimizer/`` was the only optimizer state
 also hold ``deepspeed/`` (DeepSpeed's own per-rank files), read only when ``optimizer/`` is absent.
+
+Only the newest ``keep_last`` checkpoints stay.  A reader (``lucid convert``, ``lucid eval``) opens one with
+:func:`reading`, which holds it for the read: the rotation skips a checkpoint that is being read (a later save
+removes it), and a reader whose newest checkpoint was removed before it could hold it reads the new newest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import pickle
 import pickletools
 import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -130,14 +138,19 @@ class Checkpointer:
     """Writes and finds a run's checkpoints.  ``async_save``: a save copies the state to host memory and returns;
     forked processes write the files (Megatron's async dist-checkpointing) while training goes on, and the
     checkpoint is published (``COMPLETE``, rename, ``latest``) at the first ``poll``/``wait`` after every rank's
-    writes finished.  At most one save is in flight: ``save`` waits for the previous one first."""
+    writes finished.  At most one save is in flight: ``save`` waits for the previous one first.  Only the newest
+    ``keep_last`` checkpoints are kept, except one that a reader holds (:func:`reading`): a later save removes it.
+    ``say`` reports what the rotation keeps or cannot check (default: a warning), once per checkpoint."""
 
-    def __init__(self, root: str | Path, keep_last: int = 2, async_save: bool = False):
+    def __init__(self, root: str | Path, keep_last: int = 2, async_save: bool = False,
+                 say: Callable[[str], None] | None = None):
         self.root = Path(root)
         self.keep_last = keep_last
         self.async_save = async_save
         self.pending: PendingSave | None = None
         self._queue = None  # Megatron's AsyncCallsQueue, made at the first asynchronous save
+        self._say = say or _warn
+        self._said: set[str] = set()
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -214,9 +227,25 @@ class Checkpointer:
                 shutil.rmtree(final)
             atomic.publish_dir(partial, final)
             atomic.write_text(self.root / "latest", final.name)
-            for old in self.complete_checkpoints()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.remove_old()
         dist.barrier()
+
+    def remove_old(self) -> list[Path]:
+        """Remove the complete checkpoints older than the newest ``keep_last`` (one process: rank 0), except
+        those a reader holds (:func:`reading`); returns what was removed."""
+        removed = []
+        for old in self.complete_checkpoints()[: -self.keep_last]:
+            kept, note = _remove_unless_read(old)
+            if note:
+                self._say_once(old.name if kept else "no locks", note)
+            if not kept:
+                removed.append(old)
+        return removed
+
+    def _say_once(self, key: str, text: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self._say(text)
 
     def poll(self) -> Path | None:
         """Publish the save in flight if every rank has finished writing it (collective, one small all-reduce;
@@ -425,29 +454,137 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+# ---- reading a checkpoint while its run may still be training ------------------------------------------------
+#
+# A reader holds a shared flock on the step directory itself (nothing is created in it, so a checkpoint the
+# reader may not write can be locked too); the rotation removes a checkpoint only under an exclusive one,
+# taken without waiting.  Locks are per open file: the ranks of one reader each hold their own, and a process
+# that dies releases its lock.
+
+
+def _warn(text: str) -> None:
+    warnings.warn(text, stacklevel=2)
+
+
+def _remove_unless_read(step_dir: Path) -> tuple[bool, str | None]:
+    """Remove checkpoint ``step_dir`` unless a reader holds it.  Returns (kept, what to tell the user)."""
+    try:
+        fd = os.open(step_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return False, None
+    note = None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, (f"keeping {step_dir} for now: a reader (lucid convert, lucid eval) holds it; "
+                          "a later save removes it")
+        except OSError as err:  # a filesystem without flock (some NFS and Lustre mounts)
+            note = (f"cannot lock {step_dir} ({err.strerror}): old checkpoints are removed even while something "
+                    "reads them")
+        (step_dir / "COMPLETE").unlink(missing_ok=True)  # no longer a checkpoint, even if the removal is cut short
+        shutil.rmtree(step_dir, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return False, note
+
+
+def _same_directory(step_dir: Path, fd: int) -> bool:
+    try:
+        now, held = os.stat(step_dir), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _lock_for_reading(step_dir: Path, say: Callable[[str], None]) -> int | None:
+    """A descriptor holding a shared lock on checkpoint ``step_dir``; None if the checkpoint was removed first.
+    Waits while a rotation removes it (it holds the exclusive lock meanwhile)."""
+    try:
+        fd = os.open(step_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError as err:  # a filesystem without flock: read unprotected
+        say(f"cannot lock {step_dir} ({err.strerror}): if its run is still training, it may remove it while it is read")
+    if _same_directory(step_dir, fd) and (step_dir / "COMPLETE").exists():
+        return fd
+    os.close(fd)
+    return None
+
+
+_READ_ATTEMPTS = 10  # each retry means the run published a newer checkpoint meanwhile
+
+
+def _gone(step_dir: Path) -> FileNotFoundError:
+    """A step directory named explicitly that is not there (any more): rotated, most likely; not damaged."""
+    return FileNotFoundError(f"checkpoint {str(step_dir)!r} does not exist: a run keeps only its newest "
+                             "checkpoint.keep_last checkpoints (it removes older ones as it trains); give the run "
+                             "directory to read its newest")
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, *, say: Callable[[str], None] | None = None):
+    """Resolve ``path`` as :func:`resolve_checkpoint` does and yield the checkpoint, held for the block: the
+    ``keep_last`` rotation of a run still training does not remove it meanwhile.  If the newest checkpoint is
+    removed between resolving and locking it, the then newest is read instead and ``say`` (default: a warning)
+    tells so; a step directory named explicitly and removed so is a FileNotFoundError."""
+    say = say or _warn
+    path = Path(path)
+    if STEP_DIR.match(path.name) and path.parent.is_dir() and not path.exists():
+        raise _gone(path)
+    removed = []
+    for _ in range(_READ_ATTEMPTS):
+        checkpoint = resolve_checkpoint(path)
+        fd = _lock_for_reading(checkpoint, say)
+        if fd is not None:
+            break
+        if checkpoint == path:
+            raise _gone(path)
+        removed.append(checkpoint.name)
+    else:
+        raise FileNotFoundError(f"{str(path)!r}: the newest checkpoint was removed {_READ_ATTEMPTS} times before it "
+                                "could be read; its run saves faster than it can be opened")
+    if removed:
+        say(f"{', '.join(removed)} was removed by its run's checkpoint rotation (keep_last) before it could be "
+            f"read; reading {checkpoint} instead")
+    try:
+        yield checkpoint
+    finally:
+        os.close(fd)
+
+
 def save_weights_checkpoint(path: str | Path, model: torch.nn.Module, state: dict, files: dict[str, str]) -> Path:
     """A weights-only checkpoint directory (no optimizer state), e.g. from a Hugging Face import.
 
-    Same layout as a training checkpoint's step directory, written to ``PATH.partial`` and renamed when
-    complete; usable as ``checkpoint.init_from`` and by ``lucid convert``.  Collective.
+    Same layout as a training checkpoint's step directory, staged as ``.<name>.tmp-<pid>-<hex>`` next to
+    ``path`` (see ``atomic``) and renamed when complete; ``path`` must be new or an empty directory.  Usable as
+    ``checkpoint.init_from`` and by ``lucid convert``.  Collective.
     """
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    name = [None]
     if dist.get_rank() == 0:
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; choose a new checkpoint directory")
-        if partial.exists():
-            shutil.rmtree(partial)
-        (partial / "model").mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(partial / "model"))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        atomic.write_text(partial / "state.json", json.dumps(state, indent=1))
-        for name, text in files.items():
-            atomic.write_text(partial / name, text)
-        atomic.write_text(partial / "COMPLETE", "")
-        atomic.publish_dir(partial, path)
+        atomic.check_output_dir(path, label="checkpoint directory")
+        atomic.remove_stale_staging(path)  # left by an import that was killed
+        name = [str(atomic.staging_path(path))]
+        (Path(name[0]) / "model").mkdir(parents=True)
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)  # every rank writes into the one rank 0 made
+    staging = Path(name[0])
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), str(staging / "model"))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            atomic.write_text(staging / "state.json", json.dumps(state, indent=1))
+            for name, text in files.items():
+                atomic.write_text(staging / name, text)
+            atomic.write_text(staging / "COMPLETE", "")
+            atomic.publish_dir(staging, path)
+    except BaseException:
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     dist.barrier()
     return path
 

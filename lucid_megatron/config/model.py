@@ -41,6 +41,8 @@ def parse_lucid_layers(pattern: Union[str, list[int]], num_layers: int) -> list[
     )
 
 
+# A resumed run keeps every field but the few train/validate.py's FREE_MODEL_FIELDS lists: `lucid train` compares
+# the checkpoint's model.yaml with the config field by field, so a field added here is covered without more code.
 @dataclasses.dataclass
 class ModelConfig:
     num_layers: int

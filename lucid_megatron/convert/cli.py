@@ -18,18 +18,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def add_arguments(parser) -> None:
+    from lucid_megatron import cli_args
+    from lucid_megatron.memory_estimate import IGNORE_FLAG
+
     sub = parser.add_subparsers(dest="convert_command", metavar="{to-hf,from-hf,verify}", required=True)
     to_hf = sub.add_parser("to-hf", help="Megatron checkpoint (any TP/DP/CP layout) -> Hugging Face directory")
-    to_hf.add_argument("checkpoint")
-    to_hf.add_argument("out_dir")
+    to_hf.add_argument("checkpoint", type=cli_args.input_dir())
+    to_hf.add_argument("out_dir", type=cli_args.output_dir())
     to_hf.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    to_hf.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (an index is written if >1)")
-    to_hf.add_argument("--tokenizer", help="'byte' or a tokenizer directory (default: the one the run trained with)")
+    to_hf.add_argument("--max-shard-size", type=cli_args.byte_size(10**3, 1 << 40), default="5GB",
+                       help="safetensors shard size, e.g. 500MB, 5GB (an index is written if >1 shard)")
+    to_hf.add_argument("--tokenizer", type=cli_args.input_dir(word="byte"),
+                       help="'byte' or a tokenizer directory (default: the one the run trained with)")
 
     from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> Megatron checkpoint (to continue training)")
-    from_hf.add_argument("hf_dir")
-    from_hf.add_argument("checkpoint", help="new checkpoint directory (use as checkpoint.init_from)")
-    from_hf.add_argument("--tp", type=int, default=1,
+    from_hf.add_argument("hf_dir", type=cli_args.input_dir())
+    from_hf.add_argument("checkpoint", type=cli_args.output_dir(),
+                         help="new checkpoint directory (use as checkpoint.init_from)")
+    from_hf.add_argument("--tp", type=cli_args.positive_int(cli_args.MAX_PROCESSES), default=1,
                          help="tensor-parallel size the checkpoint is meant for (checked; the format reshards)")
     from_hf.add_argument("--init-from-llama", action="store_true",
                          help="HF_DIR is a Llama model: same weights, attention becomes LUCID")
@@ -37,44 +43,64 @@ def add_arguments(parser) -> None:
                          help="with --init-from-llama: 'all', 'none', 'every:K' or a comma list like 1,3")
 
     verify = sub.add_parser("verify", help="compare logits of a Megatron checkpoint and a Hugging Face directory")
-    verify.add_argument("checkpoint")
-    verify.add_argument("hf_dir")
-    verify.add_argument("--batches", type=int, default=4)
-    verify.add_argument("--batch-size", type=int, default=2)
-    verify.add_argument("--seq-len", type=int, default=128)
-    verify.add_argument("--seed", type=int, default=0)
-    verify.add_argument("--max-kl", type=float, default=1e-9, help="fail above this KL(megatron || hf) per token")
-    verify.add_argument("--max-abs", type=float, default=1e-4, help="fail above this max |logit difference|")
+    verify.add_argument("checkpoint", type=cli_args.input_dir())
+    verify.add_argument("hf_dir", type=cli_args.input_dir())
+    verify.add_argument("--batches", type=cli_args.positive_int(10**6), default=4)
+    verify.add_argument("--batch-size", type=cli_args.positive_int(cli_args.MAX_BATCH), default=2)
+    verify.add_argument("--seq-len", type=cli_args.positive_int(cli_args.MAX_TOKENS), default=128)
+    verify.add_argument("--seed", type=cli_args.seed(), default=0)
+    verify.add_argument("--max-kl", type=cli_args.float_in(0, 1e3), default=1e-9,
+                        help="fail above this KL(megatron || hf) per token")
+    verify.add_argument("--max-abs", type=cli_args.float_in(0, 1e3), default=1e-4,
+                        help="fail above this max |logit difference|")
     verify.add_argument("--trust-remote-code", action="store_true",
                         help="run the directory's own Python code (its auto_map); only for directories you trust. "
                              "Without it LUCID exports load with this package's classes")
+    verify.add_argument(IGNORE_FLAG, action="store_true",
+                        help="run even when the memory estimate exceeds the memory available (docs/cli.md)")
 
 
-def _fail(message: str) -> int:
-    print(f"lucid convert: error: {message}", file=sys.stderr)
-    return 2
+def _fail(message: str, code: int = 2) -> int:
+    from lucid_megatron import cli_args
+
+    return cli_args.fail("convert", message, code)
 
 
 def _tokenizer_for_export(spec: str | None, state: dict):
-    from lucid_megatron.data.tokenizer import load_tokenizer, tokenizer_from_manifest
+    """The run's tokenizer, or ``--tokenizer`` when it is the same one (kind, name, vocabulary, special ids):
+    another tokenizer would give the model's ids other meanings.  A checkpoint that records none (older ones)
+    takes ``--tokenizer`` unchecked, with a note."""
+    from lucid_megatron.data.tokenizer import load_tokenizer, tokenizer_from_manifest, tokenizer_mismatch
 
-    if spec is not None:
-        return load_tokenizer(spec)
-    entry = state.get("tokenizer")
-    if entry is None:
-        raise ValueError("the checkpoint does not record its tokenizer; pass --tokenizer byte|DIR")
-    return tokenizer_from_manifest(entry)
+    trained_with = state.get("tokenizer")
+    if spec is None:
+        if trained_with is None:
+            raise ValueError("the checkpoint does not record its tokenizer; pass --tokenizer byte|DIR")
+        try:
+            return tokenizer_from_manifest(trained_with)
+        except FileNotFoundError as err:  # the recorded directory moved: a copy elsewhere is the same tokenizer
+            raise FileNotFoundError(f"{err}, or pass --tokenizer with the copy's directory") from None
+    tokenizer = load_tokenizer(spec)
+    if trained_with is None:
+        print(f"lucid convert: note: the checkpoint does not record the tokenizer it was trained with (an older "
+              f"checkpoint); --tokenizer {spec} is exported unchecked", file=sys.stderr)
+        return tokenizer
+    problem = tokenizer_mismatch(trained_with, tokenizer.manifest_entry(), a_is="the checkpoint was trained with",
+                                 b_is=f"--tokenizer {spec} is")
+    if problem:
+        raise ValueError(problem)
+    return tokenizer
 
 
 def to_hf(args) -> int:
     from lucid_megatron.convert import hf_io, mapping, megatron_io
 
-    checkpoint = megatron_io.resolve_checkpoint(args.checkpoint)
-    cfg = megatron_io.read_model_config(checkpoint)
-    state = megatron_io.read_state(checkpoint)
-    tokenizer = _tokenizer_for_export(args.tokenizer, state)
-    with megatron_io.single_process():
-        weights = megatron_io.load_megatron_weights(checkpoint, cfg)
+    with megatron_io.reading(args.checkpoint) as checkpoint:  # kept from its run's rotation while read
+        cfg = megatron_io.read_model_config(checkpoint)
+        state = megatron_io.read_state(checkpoint)
+        tokenizer = _tokenizer_for_export(args.tokenizer, state)
+        with megatron_io.single_process():
+            weights = megatron_io.load_megatron_weights(checkpoint, cfg)
     config = hf_io.hf_config_for(cfg, tokenizer.manifest_entry())
     hf_weights = {k: v.to(DTYPES[args.dtype])
                   for k, v in mapping.megatron_to_hf(weights, cfg, config.vocab_size).items()}
@@ -128,21 +154,17 @@ def compare_logits(checkpoint, hf_dir, *, batches: int = 4, batch_size: int = 2,
     """Logits of a Megatron checkpoint and a Hugging Face directory on the same random tokens, both in
     float32 on this process's device, over the exported vocabulary: max |logit difference|, KL(megatron || hf)
     per token, top-1 agreement."""
-    from transformers import AutoModelForCausalLM
+    from lucid_megatron.convert import hf_io, megatron_io
 
-    import lucid_megatron.hf  # noqa: F401  (registers the LUCID classes: own exports need no remote code)
-    from lucid_megatron.convert import megatron_io
-
-    checkpoint = megatron_io.resolve_checkpoint(checkpoint)
-    cfg = megatron_io.read_model_config(checkpoint)
-    vocab = megatron_io.read_state(checkpoint).get("tokenizer", {}).get("vocab_size") or cfg.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    worst_abs, worst_kl, kl_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
-    with megatron_io.single_process() as runtime, torch.no_grad():
-        model = megatron_io.build_megatron_model(checkpoint, cfg, runtime)
-        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code,
-                                                  dtype=torch.float32)
+    # the checkpoint is kept from its run's rotation for the whole comparison (it reads weights lazily)
+    with megatron_io.reading(checkpoint) as held, megatron_io.single_process() as runtime, torch.no_grad():
+        cfg = megatron_io.read_model_config(held)
+        vocab = megatron_io.read_state(held).get("tokenizer", {}).get("vocab_size") or cfg.vocab_size
+        hf = hf_io.load_hf_model(hf_dir, trust_remote_code=trust_remote_code)
+        model = megatron_io.build_megatron_model(held, cfg, runtime)
         hf = hf.to(runtime.device).eval()
+        g = torch.Generator().manual_seed(seed)
+        worst_abs, worst_kl, kl_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
         for _ in range(batches):
             tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(runtime.device)
             positions = torch.arange(seq_len, device=runtime.device).expand_as(tokens)
@@ -174,8 +196,44 @@ def verify(args) -> int:
     return 0 if ok else 1
 
 
+def _verify_memory(args, checkpoint) -> None:
+    """Refuse a comparison that cannot fit (memory_estimate.py): both models' weights, one forward's
+    activations, and the logits both models give, compared in float64 (about 6 copies)."""
+    from lucid_megatron import memory_estimate as mem
+    from lucid_megatron.convert import megatron_io
+
+    shape = mem.ModelShape.of_config(megatron_io.read_model_config(checkpoint))
+    parts = {"weights": mem.weights_bytes(shape, models=2)}
+    if not torch.cuda.is_available():  # on a GPU the forward's buffers live in GPU memory
+        parts.update(mem.forward_bytes(shape, rows=args.batch_size, length=args.seq_len, logit_bytes=8,
+                                       logit_copies=6))
+    mem.check_fits(mem.MemoryEstimate(parts),
+                   what=f"lucid convert verify with {args.batch_size} x {args.seq_len} tokens per batch")
+
+
+def preflight(args) -> None:
+    """What can be checked before loading anything: outputs, inputs that exist, the memory (verify)."""
+    from lucid_megatron.atomic import check_output_dir
+    from lucid_megatron.convert import hf_io, megatron_io
+
+    if args.convert_command == "to-hf":
+        check_output_dir(args.out_dir, label="OUT_DIR")
+    elif args.convert_command == "from-hf":
+        check_output_dir(args.checkpoint, label="CHECKPOINT")
+    else:
+        checkpoint = megatron_io.resolve_checkpoint(args.checkpoint)
+        hf_io.check_hf_model_dir(args.hf_dir, trust_remote_code=args.trust_remote_code)
+        if not args.ignore_memory_check:
+            _verify_memory(args, checkpoint)
+
+
 def run(args) -> int:
+    from lucid_megatron import cli_args
+
     try:
+        preflight(args)
         return {"to-hf": to_hf, "from-hf": from_hf, "verify": verify}[args.convert_command](args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        return _fail(str(err))
+    except cli_args.BAD_INPUT_ERRORS as err:
+        return _fail(str(err), cli_args.exit_code(err))
+    except (MemoryError, torch.cuda.OutOfMemoryError) as err:
+        return _fail(f"out of memory ({type(err).__name__}); use smaller sizes", cli_args.FAILURE)

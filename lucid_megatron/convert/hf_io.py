@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lucid_megatron import atomic
@@ -128,26 +128,102 @@ def check_hf_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig, source:
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(weights[name].shape)}, expected {shape}")
 
 
-def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards an index names; errors name the file."""
-    hf_dir = Path(hf_dir)
+def _safetensors_files(hf_dir: Path) -> list[Path] | None:
+    """The safetensors files of a model directory (the shards its index names, each present), None if it has none."""
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (hf_dir / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index} is not a safetensors index (JSON with a 'weight_map' object)") from None
+        for name in names:
+            if not (hf_dir / name).exists():
+                raise FileNotFoundError(f"{hf_dir / name} is missing (named by {index.name})")
+        return [hf_dir / name for name in names]
+    if (hf_dir / "model.safetensors").exists():
+        return [hf_dir / "model.safetensors"]
+    return None
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards an index names; errors name the file."""
+    files = _safetensors_files(Path(hf_dir))
+    if files is None:
         raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     weights = {}
-    for name in files:
-        path = hf_dir / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing (named by {index.name})")
+    for path in files:
         try:
             weights.update(load_file(str(path)))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
     return weights
+
+
+# The weight files transformers loads a model from.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _saved_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """Tensor name -> (shape, file), read from the safetensors headers only (no tensor data)."""
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as f:
+                shapes.update({name: (tuple(f.get_slice(name).get_shape()), path) for name in f.keys()})
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+    return shapes
+
+
+def _config_shapes(hf_dir: Path, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the model config.json describes, built on the meta device (no memory, no init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{hf_dir}/config.json: {_one_line(err)}") from None
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _one_line(err: BaseException) -> str:
+    """transformers' messages span lines (the advice, e.g. trust_remote_code, often on the last one)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def check_hf_model_dir(hf_dir, *, trust_remote_code: bool = False) -> None:
+    """Refuses, in one line, a directory a model cannot be loaded from: missing, without config.json or weight
+    files, or with a safetensors tensor whose shape is not the one config.json implies.  Reads headers only,
+    so commands call it before any other work."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"Hugging Face model directory {str(hf_dir)!r} does not exist")
+    read_config(hf_dir)
+    if not any((hf_dir / name).exists() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{hf_dir} has no model weights ({', '.join(WEIGHT_FILES[:-1])} or {WEIGHT_FILES[-1]})")
+    files = _safetensors_files(hf_dir)
+    if files is None:  # pickled weights: their shapes cannot be read without unpickling them
+        return
+    expected = _config_shapes(hf_dir, trust_remote_code)
+    for name, (shape, path) in _saved_shapes(files).items():
+        if name in expected and shape != expected[name]:
+            raise ValueError(f"{path}: tensor {name!r} has shape {shape}, expected {expected[name]} (from config.json)")
+
+
+def load_hf_model(hf_dir, *, trust_remote_code: bool = False):
+    """A Hugging Face causal LM in float32 on the host, its directory checked first (``check_hf_model_dir``);
+    what transformers still refuses comes back as one line."""
+    from transformers import AutoModelForCausalLM
+
+    check_hf_model_dir(hf_dir, trust_remote_code=trust_remote_code)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code,
+                                                    dtype=torch.float32)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{hf_dir}: the model does not load: {_one_line(err)}") from None
 
 
 def write_hf_dir(out_dir: Path, weights: dict[str, torch.Tensor], config: LucidConfig, tokenizer,

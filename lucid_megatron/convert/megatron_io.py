@@ -2,6 +2,11 @@
 
 Megatron's distributed checkpoint format reshards on load, so a checkpoint written by any TP/DP/CP
 layout loads here into a TP=1 model, and a checkpoint written here loads at any TP.
+
+A checkpoint of a run still training may be removed by its rotation: read it inside ``reading(CHECKPOINT)``
+(re-exported from ``lucid_megatron.checkpoint``), which resolves it and holds it for the whole read.  The
+loaders below hold it themselves too, so a checkpoint removed before they start is reported as removed, never
+as damaged.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from lucid_megatron.checkpoint import (  # noqa: F401  (read_* and resolve_* re-exported for the converters)
-    Checkpointer, read_model_config, read_state, resolve_checkpoint, save_weights_checkpoint)
+from lucid_megatron import atomic
+from lucid_megatron.checkpoint import (  # noqa: F401  (read_*, reading, resolve_* re-exported for the converters)
+    Checkpointer, read_model_config, read_state, reading, resolve_checkpoint, save_weights_checkpoint)
+from lucid_megatron.checkpoint.load_errors import load_errors_explained
 from lucid_megatron.config import ModelConfig, to_dict
 from lucid_megatron.runtime import Runtime, start_runtime, stop_runtime
 from lucid_megatron.runtime.parallelize import build_model, portable_model_config
@@ -39,24 +46,32 @@ def _on_host() -> Runtime:
     return dataclasses.replace(Runtime.current(), device=torch.device("cpu"))
 
 
+def _load_weights(checkpoint: Path, model) -> None:
+    with load_errors_explained(checkpoint):
+        Checkpointer.load_weights(checkpoint, model)
+
+
 def load_megatron_weights(checkpoint: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Full weights by Megatron name (call inside :func:`single_process`)."""
-    if not (Path(checkpoint) / "model").is_dir():
-        raise FileNotFoundError(f"{Path(checkpoint) / 'model'} is missing: no Megatron weights in this checkpoint")
-    model = build_model(_on_host(), portable_model_config(cfg), precision="fp32", initialize=False,
-                        load=lambda m: Checkpointer.load_weights(checkpoint, m))
+    with reading(checkpoint) as held:
+        if not (held / "model").is_dir():
+            raise FileNotFoundError(f"{held / 'model'} is missing: no Megatron weights in this checkpoint")
+        model = build_model(_on_host(), portable_model_config(cfg), precision="fp32", initialize=False,
+                            load=lambda m: _load_weights(held, m))
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def build_megatron_model(checkpoint: Path, cfg: ModelConfig, runtime: Runtime | None = None):
     """The checkpoint's model in float32 on ``runtime``'s device (default: the current runtime)."""
-    model = build_model(runtime or Runtime.current(), portable_model_config(cfg), precision="fp32",
-                        initialize=False, load=lambda m: Checkpointer.load_weights(checkpoint, m))
+    with reading(checkpoint) as held:
+        model = build_model(runtime or Runtime.current(), portable_model_config(cfg), precision="fp32",
+                            initialize=False, load=lambda m: _load_weights(held, m))
     return model.eval()
 
 
 def save_megatron_checkpoint(out: Path, weights: dict[str, torch.Tensor], cfg: ModelConfig, state: dict) -> Path:
     """A weights-only Megatron checkpoint from full weights (call inside :func:`single_process`)."""
+    atomic.check_output_dir(out, label="checkpoint directory")  # before the model is built
     model = build_model(_on_host(), portable_model_config(cfg), precision="fp32", initialize=False)
     expected = dict(model.named_parameters())
     for name, param in expected.items():

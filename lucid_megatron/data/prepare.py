@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lucid_megatron.atomic import publish_dir, require_empty_output, write_text
+from lucid_megatron.atomic import check_output_dir, publish_dir, write_text
 from lucid_megatron.timing import peak_rss_bytes
 from .readers import Part, expand_inputs, iter_texts, one_line, plan_parts
 from .shards import ShardWriter, read_manifest, write_manifest
@@ -429,7 +429,7 @@ def _prepare(inputs, out_dir, *, tokenizer, valid_fraction, docs_per_shard, text
     _check_arguments(valid_fraction, seed, docs_per_shard, workers, part_bytes)
     tokenizer = load_prepare_tokenizer(tokenizer)
     paths = expand_inputs(inputs)
-    out = require_empty_output(out_dir)
+    out = check_output_dir(out_dir)
     staging = Staging(out)
     progress = Progress(sum(p.stat().st_size for p in paths), workers, progress_stream)
     state = staging.open(_record(paths, tokenizer, text_key, add_bos, add_eos, part_bytes))

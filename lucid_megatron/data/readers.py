@@ -49,11 +49,27 @@ def _supported_files(paths) -> list[Path]:
     return [Path(p) for p in paths if input_format(p) and os.path.isfile(p)]
 
 
+def _check_readable_file(path) -> None:
+    """Refuse an input that exists but is no readable regular file (a FIFO would block the read forever)."""
+    from lucid_megatron.cli_args import entry_kind
+
+    kind = entry_kind(str(path))
+    if kind is None:
+        raise FileNotFoundError(f"input file {str(path)!r} does not exist")
+    if kind != "a regular file":
+        raise InputError(f"input {str(path)!r} is {kind}, not a regular file; allowed: files of {_allowed()}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"input file {str(path)!r} is not readable (permission denied)")
+
+
 def _files_under(directory: str) -> Iterator[Path]:
-    """Supported files under ``directory``, hidden files and directories left out."""
+    """Supported files under ``directory``, hidden files and directories left out; each a readable file."""
     for root, dirs, names in os.walk(directory):
         dirs[:] = [name for name in dirs if not name.startswith(".")]
-        yield from (Path(root) / name for name in names if not name.startswith(".") and input_format(name))
+        for name in names:
+            if not name.startswith(".") and input_format(name):
+                _check_readable_file(Path(root) / name)
+                yield Path(root) / name
 
 
 def _expand_one(spec: str) -> list[Path]:
@@ -73,8 +89,7 @@ def _expand_one(spec: str) -> list[Path]:
         return found
     if input_format(spec) is None:
         raise InputError(f"input {spec!r} has suffix {Path(spec).suffix!r}; allowed: {_allowed()}")
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"input file {spec!r} does not exist")
+    _check_readable_file(spec)
     return [Path(spec)]
 
 

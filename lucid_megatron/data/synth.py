@@ -214,7 +214,8 @@ def write_synth_dataset(out_dir, task: RetrievalTask, *, train_docs: int, valid_
     """Write a train and a valid split of retrieval documents plus the manifest; returns the Manifest.
 
     Same arguments -> byte-identical shards: split ``i`` draws from ``default_rng([seed, i])``.
-    ``out_dir`` must be absent or empty; it appears only once everything is written.
+    ``out_dir`` must be absent or empty (anything else is refused before a document is drawn); it appears only
+    once everything is written.  Interrupted (an error, Ctrl-C, SIGTERM), it leaves nothing behind.
     """
     tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     for name, value, low in (("train_docs", train_docs, 1), ("valid_docs", valid_docs, 0), ("seed", seed, 0)):

@@ -154,3 +154,28 @@ def tokenizer_from_manifest(manifest):
                 f"{key}={entry[key]!r}; re-prepare the data or restore the original tokenizer"
             )
     return tokenizer
+
+
+# What makes two tokenizer records the same tokenizer; the path is left out (a copied directory is the same one).
+COMPARED_FIELDS = ("kind", "name", "vocab_size", "bos_id", "eos_id", "pad_id")
+_FIELD_WORDS = {"kind": "kind", "name": "name", "vocab_size": "vocabulary", "bos_id": "bos", "eos_id": "eos",
+                "pad_id": "pad"}
+
+
+def describe_tokenizer(entry: dict) -> str:
+    """A tokenizer record in words: ``byte-v1 (vocabulary 259, bos 256, eos 257, pad 258)``."""
+    ids = ", ".join(f"{_FIELD_WORDS[key]} {entry.get(key)}" for key in ("vocab_size", "bos_id", "eos_id", "pad_id"))
+    return f"{entry.get('name')} ({ids})"
+
+
+def tokenizer_mismatch(a: dict, b: dict, *, a_is: str, b_is: str) -> str | None:
+    """None when two tokenizer records (manifest entries) agree on kind, name, vocabulary size and special ids;
+    else one line naming both, e.g. ``tokenizers differ (vocabulary 259 vs 16384): the checkpoint C was trained
+    with byte-v1 (vocabulary 259, ...); the dataset D was made with hf:bpe16k (vocabulary 16384, ...)``, where
+    ``a_is`` / ``b_is`` say whose each record is."""
+    differences = [f"{_FIELD_WORDS[key]} {a.get(key)} vs {b.get(key)}"
+                   for key in COMPARED_FIELDS if a.get(key) != b.get(key)]
+    if not differences:
+        return None
+    return (f"tokenizers differ ({', '.join(differences)}): {a_is} {describe_tokenizer(a)}; "
+            f"{b_is} {describe_tokenizer(b)}")

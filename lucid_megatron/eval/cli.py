@@ -6,73 +6,93 @@
     lucid eval ppl --checkpoint C --data DIR [--split valid --seq-length L --rows N --bucket-size B] [...]
 
 With T x C > 1 the command starts torchrun for T x C processes (or runs under one) and evaluates the
-checkpoint at that layout; only rank 0 writes.
+checkpoint at that layout; only rank 0 writes. Everything that can be checked before the workers start is
+checked first, in this process: the options, the outputs, the checkpoints' shapes against the layout, the
+memory (lucid_megatron/memory_estimate.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
+from lucid_megatron import cli_args
 from lucid_megatron.atomic import write_text as atomic_write_text
+from lucid_megatron.memory_estimate import IGNORE_FLAG
+
+MAX_TASK_SIZE = 1 << 20  # keys, queries, assignments, characters: the length check refuses far sooner
 
 
 def _parallel_args(parser) -> None:
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--context-parallel-size", type=int, default=1)
+    parser.add_argument("--tensor-parallel-size", type=cli_args.positive_int(cli_args.MAX_PROCESSES), default=1)
+    parser.add_argument("--context-parallel-size", type=cli_args.positive_int(cli_args.MAX_PROCESSES), default=1)
     parser.add_argument("--cp-comm-type", choices=["a2a", "p2p"], default="p2p")
+    parser.add_argument(IGNORE_FLAG, action="store_true",
+                        help="run even when the memory estimate exceeds the memory available (docs/cli.md)")
+
+
+def _task_args(niah) -> None:
+    from lucid_megatron.data.synth import MAX_FILLER_WORDS, TEMPLATES
+
+    task_size = cli_args.positive_int(MAX_TASK_SIZE)
+    niah.add_argument("--needles", type=task_size, default=1, help="distinct keys per document")
+    niah.add_argument("--queries", type=task_size, default=1, help="how many are asked (the others are distractors)")
+    niah.add_argument("--updates", type=task_size, default=1,
+                      help="assignments per key; >1 is the key-update task (the answer is the latest value)")
+    niah.add_argument("--key-len", type=task_size, default=4)
+    niah.add_argument("--value-len", type=task_size, default=4)
+    niah.add_argument("--key-vocab", type=cli_args.positive_int(26), default=26, help="letters keys are drawn from")
+    niah.add_argument("--value-vocab", type=cli_args.positive_int(10), default=10,
+                      help="digits values are drawn from")
+    niah.add_argument("--template", choices=list(TEMPLATES), default="sentence", help="see lucid data synth")
+    niah.add_argument("--filler-words", type=cli_args.positive_int(MAX_FILLER_WORDS), default=64)
 
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="eval_command", metavar="{niah,ppl}", required=True)
     niah = sub.add_parser("niah", help="single/multi-needle retrieval accuracy vs context length")
-    niah.add_argument("--checkpoint", action="append", default=[], help="Megatron checkpoint (repeatable)")
-    niah.add_argument("--hf", action="append", default=[], help="Hugging Face model directory (repeatable)")
+    niah.add_argument("--checkpoint", action="append", default=[], type=cli_args.input_dir(),
+                      help="Megatron checkpoint (repeatable)")
+    niah.add_argument("--hf", action="append", default=[], type=cli_args.input_dir(),
+                      help="Hugging Face model directory (repeatable)")
     niah.add_argument("--label", action="append", default=[], help="names for the models, in the order given")
     niah.add_argument("--trust-remote-code", action="store_true",
                       help="let --hf directories run their own Python code (auto_map); only for directories you trust")
-    niah.add_argument("--lengths", type=int, nargs="+", required=True)
-    niah.add_argument("--needles", type=int, default=1, help="distinct keys per document")
-    niah.add_argument("--queries", type=int, default=1, help="how many are asked (the others are distractors)")
-    niah.add_argument("--updates", type=int, default=1,
-                      help="assignments per key; >1 is the key-update task (the answer is the latest value)")
-    niah.add_argument("--key-len", type=int, default=4)
-    niah.add_argument("--value-len", type=int, default=4)
-    niah.add_argument("--key-vocab", type=int, default=26, help="letters keys are drawn from")
-    niah.add_argument("--value-vocab", type=int, default=10, help="digits values are drawn from")
-    niah.add_argument("--template", default="sentence", help="'sentence' or 'compact' (see lucid data synth)")
-    niah.add_argument("--filler-words", type=int, default=64)
-    niah.add_argument("--num-samples", type=int, default=100, help="documents per length")
-    niah.add_argument("--batch-size", type=int, default=8)
-    niah.add_argument("--seed", type=int, default=0)
-    niah.add_argument("--out", help="JSON results (default: print only)")
-    niah.add_argument("--plot", help="PNG of exact match vs length")
+    niah.add_argument("--lengths", type=cli_args.positive_int(cli_args.MAX_TOKENS), nargs="+", required=True)
+    _task_args(niah)
+    niah.add_argument("--num-samples", type=cli_args.positive_int(10**6), default=100, help="documents per length")
+    niah.add_argument("--batch-size", type=cli_args.positive_int(cli_args.MAX_BATCH), default=8)
+    niah.add_argument("--seed", type=cli_args.seed(), default=0)
+    niah.add_argument("--out", type=cli_args.output_file(), help="JSON results (default: print only)")
+    niah.add_argument("--plot", type=cli_args.output_file(), help="PNG of exact match vs length")
     _parallel_args(niah)
 
     ppl = sub.add_parser("ppl", help="validation loss/perplexity by position bucket")
-    ppl.add_argument("--checkpoint", required=True)
-    ppl.add_argument("--data", required=True, help="dataset directory (manifest.json + shards)")
+    ppl.add_argument("--checkpoint", required=True, type=cli_args.input_dir())
+    ppl.add_argument("--data", required=True, type=cli_args.input_dir(),
+                     help="dataset directory (manifest.json + shards)")
     ppl.add_argument("--split", default="valid")
-    ppl.add_argument("--seq-length", type=int, default=2048)
-    ppl.add_argument("--rows", type=int, default=64, help="packed rows to score")
-    ppl.add_argument("--batch-size", type=int, default=4, help="rows per forward pass")
-    ppl.add_argument("--bucket-size", type=int, default=256)
+    ppl.add_argument("--seq-length", type=cli_args.int_in(2, cli_args.MAX_TOKENS), default=2048)
+    ppl.add_argument("--rows", type=cli_args.positive_int(cli_args.MAX_COUNT), default=64, help="packed rows to score")
+    ppl.add_argument("--batch-size", type=cli_args.positive_int(cli_args.MAX_BATCH), default=4,
+                     help="rows per forward pass")
+    ppl.add_argument("--bucket-size", type=cli_args.positive_int(cli_args.MAX_TOKENS), default=256)
     ppl.add_argument("--loss-tokens", choices=["all", "answer"], default="all")
-    ppl.add_argument("--out")
-    ppl.add_argument("--plot")
+    ppl.add_argument("--out", type=cli_args.output_file())
+    ppl.add_argument("--plot", type=cli_args.output_file())
     _parallel_args(ppl)
-
-
-def _fail(message: str) -> int:
-    print(f"lucid eval: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _is_writer() -> bool:
     # From the launcher's RANK, not the process group: the scorer tears its group down before results are written.
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _fail(message: str, code: int = cli_args.USAGE) -> int:
+    if not _is_writer():  # every worker finds the same problem: rank 0 says it once
+        return code
+    return cli_args.fail("eval", message, code)
 
 
 def _write(args, results: dict, plot_fn, title: str) -> None:
@@ -83,6 +103,7 @@ def _write(args, results: dict, plot_fn, title: str) -> None:
         atomic_write_text(args.out, json.dumps(results, indent=1))
         print(f"wrote {args.out}")
     if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_fn(results, args.plot, title)
         print(f"wrote {args.plot}")
 
@@ -99,22 +120,148 @@ def task_from_args(args):
                          template=args.template)
 
 
+# ------------------------------------------------------------------------------------------ checks first
+
+
+def _check_outputs(args) -> None:
+    from lucid_megatron.atomic import check_output_file
+
+    for option, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None:
+            check_output_file(path, label=option)
+
+
+def _checkpoint_shape(path, args):
+    """The checkpoint's ModelShape, after checking that the layout splits its model (ValueError naming both)."""
+    from lucid_megatron.checkpoint import read_model_config, resolve_checkpoint
+    from lucid_megatron.config.parallel import ParallelConfig, check_model_fits
+    from lucid_megatron.memory_estimate import ModelShape
+
+    cfg = read_model_config(resolve_checkpoint(path))
+    layout = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
+                            context_parallel_size=args.context_parallel_size, cp_comm_type=args.cp_comm_type)
+    try:
+        check_model_fits(cfg, layout)
+    except ValueError as err:
+        raise ValueError(f"--checkpoint {path}: {err} (--tensor-parallel-size {args.tensor_parallel_size}, "
+                         f"--context-parallel-size {args.context_parallel_size})") from None
+    return ModelShape.of_config(cfg)
+
+
+def _hf_shape(path):
+    """The ModelShape of a Hugging Face directory's config.json (FileNotFoundError / ValueError naming it)."""
+    from lucid_megatron.memory_estimate import ModelShape
+
+    config_file = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"--hf {str(path)!r} does not exist")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--hf {str(path)!r} has no config.json: not a Hugging Face model directory")
+    try:
+        return ModelShape.of_hf_config(json.loads(config_file.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_file}: not a model config this command reads "
+                         f"({type(err).__name__}: {err})") from None
+
+
+def _check_context_parallel_lengths(lengths: list[int], option: str, cp: int) -> None:
+    short = [n for n in lengths if n < 2 * cp]
+    if short:
+        raise ValueError(f"{option} {short} is shorter than 2 x --context-parallel-size = {2 * cp}: the zigzag "
+                         "layout gives every context-parallel rank two chunks of each sequence")
+
+
+def _model_estimate(args, shape, *, rows: int, length: int, documents: int, on_gpu: bool):
+    """What evaluating one model takes on this machine (memory_estimate.py's formula)."""
+    from lucid_megatron import memory_estimate as mem
+
+    tp, cp = args.tensor_parallel_size, args.context_parallel_size
+    parts = {"weights": mem.weights_bytes(shape, tensor_parallel=tp)}
+    if not on_gpu:  # on a GPU the forward's buffers live in GPU memory
+        parts.update(mem.forward_bytes(shape, rows=rows, length=length, context_parallel=cp))
+    if documents:
+        parts["documents"] = mem.documents_bytes(documents=documents, length=length)
+    return mem.MemoryEstimate(parts, processes=tp * cp)
+
+
+def _check_memory(args, shapes, *, rows: int, length: int, documents: int) -> None:
+    """Refuse sizes that cannot fit, unless --ignore-memory-check; in the process that starts the work only
+    (workers started by torchrun would count each other's memory as taken)."""
+    import torch
+
+    from lucid_megatron.memory_estimate import check_fits
+
+    if args.ignore_memory_check or not shapes or "WORLD_SIZE" in os.environ:
+        return
+    on_gpu = torch.cuda.is_available()
+    estimates = [_model_estimate(args, shape, rows=rows, length=length, documents=documents, on_gpu=on_gpu)
+                 for shape in shapes]  # the models are evaluated one after the other
+    check_fits(max(estimates, key=lambda estimate: estimate.total),
+               what=f"lucid eval {args.eval_command} with {rows} x {length} tokens per forward pass")
+
+
+def _niah_preflight(args) -> None:
+    models = len(args.checkpoint) + len(args.hf)
+    if not models:
+        raise ValueError("give at least one --checkpoint or --hf")
+    if args.label and len(args.label) != models:
+        raise ValueError(f"{len(args.label)} --label for {models} models")
+    if args.hf and args.tensor_parallel_size * args.context_parallel_size > 1:
+        raise ValueError("Hugging Face models (--hf) are evaluated in one process: leave --tensor-parallel-size "
+                         "and --context-parallel-size at 1")
+    task = task_from_args(args)
+    too_short = [n for n in args.lengths if n < task.minimum_length()]
+    if too_short:
+        raise ValueError(f"--lengths {too_short} cannot hold {args.needles} keys x {args.updates} assignments and "
+                         f"{args.queries} queries; the minimum is {task.minimum_length()} tokens")
+    _check_context_parallel_lengths(args.lengths, "--lengths", args.context_parallel_size)
+    shapes = [_checkpoint_shape(path, args) for path in args.checkpoint] + [_hf_shape(path) for path in args.hf]
+    from lucid_megatron.convert.hf_io import check_hf_model_dir
+
+    for path in args.hf:  # weights present, with the shapes config.json implies
+        check_hf_model_dir(path, trust_remote_code=args.trust_remote_code)
+    length = max(args.lengths)
+    _check_memory(args, shapes, rows=min(args.batch_size, args.num_samples), length=length,
+                  documents=args.num_samples)
+
+
+def _ppl_preflight(args) -> None:
+    from lucid_megatron.data.shards import read_manifest
+    from lucid_megatron.eval import ppl
+
+    _check_context_parallel_lengths([args.seq_length], "--seq-length", args.context_parallel_size)
+    shape = _checkpoint_shape(args.checkpoint, args)
+    manifest = read_manifest(args.data)
+    if not _split_shards(manifest, args.split):
+        raise ValueError(f"{args.data}: split {args.split!r} has no shards")
+    note = ppl.check_tokenizer(args.checkpoint, args.data, manifest)
+    if note and _is_writer() and "WORLD_SIZE" not in os.environ:
+        print(f"lucid eval: note: {note}", flush=True)
+    _check_memory(args, [shape], rows=args.batch_size, length=args.seq_length, documents=0)
+
+
+def _split_shards(manifest, split: str) -> int:
+    info = manifest.splits.get(split)
+    return len(info.shards) if info else 0
+
+
+def preflight(args) -> None:
+    """Everything that can be checked before any worker starts (raises one of cli_args.BAD_INPUT_ERRORS)."""
+    _check_outputs(args)
+    {"niah": _niah_preflight, "ppl": _ppl_preflight}[args.eval_command](args)
+
+
+# ------------------------------------------------------------------------------------------ the work
+
+
 def _niah(args) -> int:
     from lucid_megatron.eval import niah
     from lucid_megatron.eval.scorers import HFScorer, MegatronScorer
 
     models = [("checkpoint", c) for c in args.checkpoint] + [("hf", h) for h in args.hf]
-    if not models:
-        return _fail("give at least one --checkpoint or --hf")
-    if args.label and len(args.label) != len(models):
-        return _fail(f"{len(args.label)} --label for {len(models)} models")
     labels = args.label or [Path(path).name if Path(path).name not in ("checkpoints", "") else str(path)
                             for _, path in models]
     task = task_from_args(args)
-    too_short = [n for n in args.lengths if n < task.minimum_length()]
-    if too_short:
-        return _fail(f"--lengths {too_short} cannot hold {args.needles} keys x {args.updates} assignments and "
-                     f"{args.queries} queries; the minimum is {task.minimum_length()} tokens")
     results = {"task": {"needles": args.needles, "queries": args.queries, "updates": args.updates,
                         "key_len": args.key_len, "value_len": args.value_len, "key_vocab": args.key_vocab,
                         "value_vocab": args.value_vocab, "template": args.template,
@@ -122,8 +269,6 @@ def _niah(args) -> int:
                         "lengths": args.lengths}, "models": {}}
     for label, (kind, path) in zip(labels, models):
         if kind == "hf":
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                return _fail("Hugging Face models are evaluated in one process")
             scorer = HFScorer(path, trust_remote_code=args.trust_remote_code)
         else:
             scorer = MegatronScorer(path, tp=args.tensor_parallel_size, cp=args.context_parallel_size,
@@ -149,10 +294,7 @@ def _ppl(args) -> int:
     from lucid_megatron.eval import ppl
     from lucid_megatron.eval.scorers import MegatronScorer
 
-    manifest = read_manifest(args.data)
-    shards = len(manifest.splits.get(args.split).shards) if manifest.splits.get(args.split) else 0
-    if not shards:
-        return _fail(f"{args.data}: split {args.split!r} has no shards")
+    shards = _split_shards(read_manifest(args.data), args.split)
     scorer = MegatronScorer(args.checkpoint, tp=args.tensor_parallel_size, cp=args.context_parallel_size,
                             cp_comm_type=args.cp_comm_type)
     try:
@@ -171,6 +313,12 @@ def _ppl(args) -> int:
 
 
 def run(args) -> int:
+    import torch
+
+    try:
+        preflight(args)
+    except cli_args.BAD_INPUT_ERRORS as err:
+        return _fail(str(err), cli_args.exit_code(err))
     world = args.tensor_parallel_size * args.context_parallel_size
     if world > 1 and "WORLD_SIZE" not in os.environ:  # start the processes
         from lucid_megatron.runtime.torchrun import run_torchrun
@@ -178,5 +326,7 @@ def run(args) -> int:
         return run_torchrun(world, args._argv)
     try:
         return {"niah": _niah, "ppl": _ppl}[args.eval_command](args)
-    except (FileNotFoundError, ValueError) as err:
-        return _fail(str(err))
+    except cli_args.BAD_INPUT_ERRORS as err:
+        return _fail(str(err), cli_args.exit_code(err))
+    except (MemoryError, torch.cuda.OutOfMemoryError) as err:
+        return _fail(f"out of memory ({type(err).__name__}); lower --batch-size or the lengths", cli_args.FAILURE)

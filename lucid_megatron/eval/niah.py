@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 
+from lucid_megatron import atomic
 from lucid_megatron.data.synth import RetrievalTask, generate_retrieval_document
 from lucid_megatron.data.tokenizer import ByteTokenizer
 
@@ -87,5 +88,5 @@ def plot(results: dict, path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_figure(path, fig, dpi=120)
     plt.close(fig)

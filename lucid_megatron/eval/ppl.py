@@ -4,6 +4,27 @@ from __future__ import annotations
 
 import math
 
+from lucid_megatron import atomic
+
+
+def check_tokenizer(checkpoint, dataset_dir, manifest) -> str | None:
+    """Refuses (ValueError, one line naming both) a dataset made with another tokenizer than the checkpoint's:
+    its ids would mean other text to the model and the loss would still look like one.  Returns a note instead
+    when the checkpoint's state.json records no tokenizer (older checkpoints), so nothing could be compared."""
+    from lucid_megatron.checkpoint import read_state, resolve_checkpoint
+    from lucid_megatron.data.tokenizer import tokenizer_mismatch
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    trained_with = read_state(checkpoint).get("tokenizer")
+    if trained_with is None:
+        return (f"{checkpoint}/state.json does not record the tokenizer it was trained with (an older checkpoint); "
+                f"not checked against the dataset's {manifest.tokenizer.get('name')}")
+    problem = tokenizer_mismatch(trained_with, manifest.tokenizer, a_is=f"the checkpoint {checkpoint} was trained with",
+                                 b_is=f"the dataset {dataset_dir} was made with")
+    if problem:
+        raise ValueError(problem)
+    return None
+
 
 def evaluate(scorer, batches, *, bucket_size: int) -> dict:
     """Weighted mean loss overall and per bucket of in-document positions [k*bucket, (k+1)*bucket)."""
@@ -41,5 +62,5 @@ def plot(result: dict, path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_figure(path, fig, dpi=120)
     plt.close(fig)

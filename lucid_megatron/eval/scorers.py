@@ -8,6 +8,7 @@ over the vocabulary (TP) and the sequence (CP), and every rank gets the full res
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,37 @@ def _next_token_losses(logits: torch.Tensor, labels: torch.Tensor, weights: torc
     return torch.where(weights.to(logits.device) > 0, losses, torch.zeros_like(losses))
 
 
+@contextlib.contextmanager
+def _read_on_every_rank(checkpoint: str | Path):
+    """Yield the checkpoint ``checkpoint`` resolves to, the same on every rank, held against the rotation of a
+    run still training (``lucid_megatron.checkpoint.reading``): rank 0 resolves and holds it first, so a save
+    in between cannot give the ranks different steps; then each rank holds that one."""
+    from lucid_megatron.checkpoint import reading
+
+    with contextlib.ExitStack() as held:
+        chosen = [None]
+        if dist.get_rank() == 0:
+            try:
+                chosen = [str(held.enter_context(reading(checkpoint)))]
+            except OSError as err:  # the other ranks must not wait for a name that never comes
+                chosen = [err]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        if isinstance(chosen[0], OSError):
+            raise chosen[0]
+        if dist.get_rank() != 0:
+            held.enter_context(reading(chosen[0]))
+        yield Path(chosen[0])
+
+
+def _load_weights(checkpoint, model) -> None:
+    from lucid_megatron.checkpoint import Checkpointer
+    from lucid_megatron.checkpoint.load_errors import load_errors_explained
+
+    with load_errors_explained(checkpoint):
+        Checkpointer.load_weights(checkpoint, model)
+
+
 class MegatronScorer:
     """A checkpoint at tensor-parallel size ``tp`` and context-parallel size ``cp`` (world = tp x cp).
 
@@ -48,22 +80,26 @@ class MegatronScorer:
 
     def __init__(self, checkpoint: str | Path, *, tp: int = 1, cp: int = 1, cp_comm_type: CpCommType = "p2p"):
         from lucid_megatron.config import ParallelConfig
-        from lucid_megatron.checkpoint import read_model_config, resolve_checkpoint
+        from lucid_megatron.checkpoint import Checkpointer, read_model_config
         from lucid_megatron.runtime import Runtime, start_runtime
         from lucid_megatron.runtime.parallelize import build_model, portable_model_config
-        from lucid_megatron.checkpoint import Checkpointer
 
-        self.checkpoint = resolve_checkpoint(checkpoint)
-        self.cfg = portable_model_config(read_model_config(self.checkpoint))
         self.owns_parallel_state = not dist.is_initialized()
         self.runtime = (start_runtime(tp, cp, cp_comm_type=cp_comm_type) if self.owns_parallel_state
                         else Runtime.current(cp_comm_type=cp_comm_type))
         self.tp, self.cp = tp, cp
-        if dist.get_world_size() != tp * cp:
-            raise ValueError(f"evaluation runs on tp x cp = {tp * cp} processes, got a world of {dist.get_world_size()}")
-        parallel = ParallelConfig(tensor_parallel_size=tp, context_parallel_size=cp, cp_comm_type=cp_comm_type)
-        self.model = build_model(self.runtime, self.cfg, parallel, initialize=False,
-                                 load=lambda model: Checkpointer.load_weights(self.checkpoint, model))
+        try:
+            if dist.get_world_size() != tp * cp:
+                raise ValueError(f"evaluation runs on tp x cp = {tp * cp} processes, got a world of "
+                                 f"{dist.get_world_size()}")
+            parallel = ParallelConfig(tensor_parallel_size=tp, context_parallel_size=cp, cp_comm_type=cp_comm_type)
+            with _read_on_every_rank(checkpoint) as self.checkpoint:  # held until the weights are in memory
+                self.cfg = portable_model_config(read_model_config(self.checkpoint))
+                self.model = build_model(self.runtime, self.cfg, parallel, initialize=False,
+                                         load=lambda model: _load_weights(self.checkpoint, model))
+        except BaseException:
+            self.close()  # the caller gets no scorer to close
+            raise
         self.model.eval()
 
     def _local(self, batch):
@@ -138,8 +174,9 @@ class HFScorer:
 
         import lucid_megatron.hf  # noqa: F401  (registers the LUCID classes: own exports need no remote code)
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code,
-                                                          dtype=torch.float32).eval()
+        from lucid_megatron.convert.hf_io import load_hf_model
+
+        self.model = load_hf_model(path, trust_remote_code=trust_remote_code).eval()
 
     @torch.no_grad()
     def next_token_scores(self, docs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -14,34 +14,43 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
+
+from lucid_megatron import cli_args
+
+
+MAX_JOBS = 256
+MAX_STEPS = 10**8
 
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="experiment_command", metavar="{repro,toy}", required=True)
     repro = sub.add_parser("repro", help="LUCID vs softmax needle retrieval over conditions and seeds")
-    repro.add_argument("experiment", help="experiment YAML (e.g. configs/repro/experiment.yaml)")
-    repro.add_argument("--out", required=True, help="output directory (runs/, results.json, table.md, plots)")
-    repro.add_argument("--jobs", type=int, default=2, help="runs in parallel (CPU threads are split between them)")
+    repro.add_argument("experiment", type=cli_args.input_file(),
+                       help="experiment YAML (e.g. configs/repro/experiment.yaml)")
+    repro.add_argument("--out", required=True, type=cli_args.output_dir(),
+                       help="output directory (runs/, results.json, table.md, plots); a rerun continues in it")
+    repro.add_argument("--jobs", type=cli_args.positive_int(MAX_JOBS), default=2,
+                       help="runs in parallel (CPU threads are split between them)")
     repro.add_argument("--only", nargs="+", help="run only these conditions")
-    repro.add_argument("--seeds", type=int, nargs="+", help="run only these seeds")
+    repro.add_argument("--seeds", type=cli_args.seed(), nargs="+", help="run only these seeds")
     repro.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a training value in every condition (e.g. for a smoke run)")
-    repro.add_argument("--eval-samples", type=int, help="documents per evaluation length (default: the file's)")
+    repro.add_argument("--eval-samples", type=cli_args.positive_int(10**6),
+                       help="documents per evaluation length (default: the file's)")
 
     toy = sub.add_parser("toy", help="one attention layer: identity, then cumulative average (attention sink)")
-    toy.add_argument("--out", required=True)
-    toy.add_argument("--steps", type=int, default=30000, help="optimizer steps per phase (the authors': 30,000)")
-    toy.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    toy.add_argument("--lr", type=float, default=1e-3)
+    toy.add_argument("--out", required=True, type=cli_args.output_dir(), help="a rerun continues in it")
+    toy.add_argument("--steps", type=cli_args.positive_int(MAX_STEPS), default=30000,
+                     help="optimizer steps per phase (the authors': 30,000)")
+    toy.add_argument("--seeds", type=cli_args.seed(), nargs="+", default=[0, 1])
+    toy.add_argument("--lr", type=cli_args.float_in(0, 10, low_open=True), default=1e-3)
     toy.add_argument("--residual", action="store_true",
                      help="add the embedding back (x + attention(x)); the authors' head reads the attention alone")
 
 
-def _fail(message: str) -> int:
-    print(f"lucid experiment: error: {message}", file=sys.stderr)
-    return 2
+def _fail(message: str, code: int = cli_args.USAGE) -> int:
+    return cli_args.fail("experiment", message, code)
 
 
 def _repro(args) -> int:
@@ -76,8 +85,6 @@ def _toy(args) -> int:
     from lucid_megatron.atomic import write_text as atomic_write_text
     from lucid_megatron.experiment import toy
 
-    if args.steps < 1:
-        return _fail(f"--steps={args.steps}: must be >= 1")
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     curves_by_run, stats_by_run, summary = {}, {}, {}
@@ -112,6 +119,9 @@ def _toy(args) -> int:
 
 def run(args) -> int:
     try:
+        cli_args.check_resumable_dir(args.out, "--out")
         return {"repro": _repro, "toy": _toy}[args.experiment_command](args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        return _fail(str(err))
+    except cli_args.BAD_INPUT_ERRORS as err:
+        return _fail(str(err), cli_args.exit_code(err))
+    except RuntimeError as err:  # a run of the experiment failed (it names its log)
+        return _fail(str(err), cli_args.FAILURE)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from typing import Any, Optional
 
-from lucid_megatron.atomic import write_text as atomic_write_text
+from lucid_megatron import atomic
 from lucid_megatron.config.schema import ConfigError, from_dict, parse_yaml
 from lucid_megatron.runtime.commands import NiahOptions, niah_command, process_command, shell_text, train_command
 
@@ -101,7 +101,7 @@ def _run_one(exp: Experiment, condition: str, seed: int, out: Path, extra: list[
         run_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         commands = [exp.train_arguments(condition, seed, run_dir, extra), exp.niah_arguments(run_dir)]
-        atomic_write_text(run_dir / "command.txt", "".join(shell_text(arguments) + "\n" for arguments in commands))
+        atomic.write_text(run_dir / "command.txt", "".join(shell_text(arguments) + "\n" for arguments in commands))
         with open(run_dir / "log.txt", "a") as log:
             for arguments in commands:
                 code = subprocess.run(process_command(arguments), stdout=log, stderr=subprocess.STDOUT,
@@ -194,7 +194,7 @@ def plot_group(summary: dict, members: list[str], lengths: list[int], path: Path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_figure(path, fig, dpi=120)
     plt.close(fig)
 
 
@@ -231,13 +231,13 @@ def run_experiment(exp: Experiment, out: Path, *, jobs: int = 2, only: list[str]
     summary = aggregate(per_run, lengths)
     task = cfg.data.synth.task if cfg.data.synth else None
     train_lengths = (task.min_len, task.max_len) if task else (cfg.train.seq_length, cfg.train.seq_length)
-    atomic_write_text(out / "results.json", json.dumps(
+    atomic.write_text(out / "results.json", json.dumps(
         {"experiment": {"base": str(exp.base), "seeds": seeds, "conditions": {c: exp.conditions[c] for c in conditions},
                         "eval": exp.eval, "extra_overrides": extra, "train_lengths": train_lengths},
          "summary": {c: {k: ({str(n): v for n, v in value.items()} if k in METRICS else value)
                          for k, value in s.items()} for c, s in summary.items()}}, indent=1))
     table = markdown_table(summary, lengths, train_lengths)
-    atomic_write_text(out / "table.md", table)
+    atomic.write_text(out / "table.md", table)
     for name, members in exp.plots.items():
         for metric in METRICS:
             drawn = [m for m in members if metric in summary.get(m, {})]

@@ -16,6 +16,7 @@ import dataclasses
 
 import torch
 
+from lucid_megatron import atomic
 from lucid_megatron.ops import lucid_attention, softmax_attention
 
 
@@ -170,7 +171,7 @@ def plot_sharpness(stats: dict, path, title: str) -> None:
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_figure(path, fig, dpi=120)
     plt.close(fig)
 
 
@@ -197,5 +198,5 @@ def plot(results: dict, path, title: str) -> None:
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_figure(path, fig, dpi=120)
     plt.close(fig)

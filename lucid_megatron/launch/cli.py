@@ -14,33 +14,43 @@ from pathlib import Path
 
 import yaml
 
+from lucid_megatron import cli_args
 from lucid_megatron.config.schema import ConfigError
+
+MAX_NODES = 100_000
+MAX_GPUS_PER_NODE = 64
+MAX_CPUS_PER_TASK = 4096
+MAX_SIGNAL_SECONDS = 65535  # SLURM's limit for --signal=SIG@TIME
+MAX_REQUEUE = 1000
 
 
 def _common(parser) -> None:
-    parser.add_argument("config", help="training config (path, or a name in configs/)")
+    parser.add_argument("config", type=cli_args.input_file(), help="training config (path, or a name in configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--run-dir", help="default: runs/<config name>")
+    parser.add_argument("--run-dir", type=cli_args.output_dir(), help="default: runs/<config name>")
 
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="launch_command", metavar="{slurm,status,cancel}", required=True)
 
     slurm = sub.add_parser("slurm", help="render an sbatch script, submit it, print the job id and log paths")
-    slurm.add_argument("--nodes", type=int, default=1)
-    slurm.add_argument("--gpus-per-node", type=int, default=0, help="0 for CPU nodes")
-    slurm.add_argument("--nproc-per-node", type=int,
+    slurm.add_argument("--nodes", type=cli_args.positive_int(MAX_NODES), default=1)
+    slurm.add_argument("--gpus-per-node", type=cli_args.nonnegative_int(MAX_GPUS_PER_NODE), default=0,
+                       help="0 for CPU nodes")
+    slurm.add_argument("--nproc-per-node", type=cli_args.positive_int(cli_args.MAX_PROCESSES),
                        help="training processes per node (default: --gpus-per-node, or the config's launch.nproc_per_node)")
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
     slurm.add_argument("--qos")
-    slurm.add_argument("--time", help="SLURM time limit, e.g. 02:00:00")
-    slurm.add_argument("--cpus-per-task", type=int)
-    slurm.add_argument("--signal-seconds", type=int, default=120,
+    slurm.add_argument("--time", help="SLURM time limit: MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS, "
+                                      "DAYS-HOURS:MINUTES or DAYS-HOURS:MINUTES:SECONDS, e.g. 02:00:00")
+    slurm.add_argument("--cpus-per-task", type=cli_args.positive_int(MAX_CPUS_PER_TASK))
+    slurm.add_argument("--signal-seconds", type=cli_args.positive_int(MAX_SIGNAL_SECONDS), default=120,
                        help="SIGUSR1 this many seconds before the time limit: checkpoint and requeue")
-    slurm.add_argument("--max-requeue", type=int, default=3)
+    slurm.add_argument("--max-requeue", type=cli_args.nonnegative_int(MAX_REQUEUE), default=3)
     slurm.add_argument("--job-name")
-    slurm.add_argument("--sweep", help="YAML list of override lists: one job-array task each")
+    slurm.add_argument("--sweep", type=cli_args.input_file(),
+                       help="YAML list of override lists: one job-array task each")
     slurm.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[],
                        help="extra '#SBATCH' line, e.g. --sbatch-arg=--exclusive (repeatable)")
     slurm.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
@@ -53,13 +63,15 @@ def add_arguments(parser) -> None:
     cancel.add_argument("--signal", help="e.g. USR1 to make the run checkpoint and requeue")
 
 
-def _fail(message: str) -> int:
-    print(f"lucid launch: error: {message}", file=sys.stderr)
-    return 2
+def _fail(message: str, code: int = cli_args.USAGE) -> int:
+    return cli_args.fail("launch", message, code)
 
 
 def _load_sweep(path: str) -> list[list[str]]:
-    data = yaml.safe_load(Path(path).read_text())
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--sweep {path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, list) or not all(
         isinstance(item, list) and all(isinstance(x, str) for x in item) for item in data
     ):
@@ -101,11 +113,14 @@ def _run_slurm(args) -> int:
     if args.dry_run:
         print(script, end="")
         return 0
-    path = write_script(job)
+    try:
+        path = write_script(job)
+    except OSError as err:
+        return cli_args.fail_with("launch", err)
     try:
         job_id = submit(path)
-    except (RuntimeError, FileNotFoundError) as err:
-        return _fail(f"{err} (script kept at {path})")
+    except (RuntimeError, FileNotFoundError) as err:  # sbatch refused the job, or there is no sbatch here
+        return _fail(f"{err} (script kept at {path})", cli_args.FAILURE)
     stem = f"lucid-{Path(args.config).stem}" if not args.job_name else args.job_name
     logs = job.log_dir.resolve()
     print(f"submitted job {job_id}: {job.nodes} node(s) x {nproc} process(es)")
@@ -116,21 +131,32 @@ def _run_slurm(args) -> int:
     return 0
 
 
+def _slurm_tool(command: list[str], **options) -> subprocess.CompletedProcess:
+    """Run a SLURM client; its absence is one line (FileNotFoundError naming it), not a traceback."""
+    try:
+        return subprocess.run(command, **options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{command[0]} not found: run this on a machine with the SLURM client tools") from None
+
+
 def _status(args) -> int:
-    result = subprocess.run(["squeue", "--states=all", "-j", args.job_id, "-o", "%.12i %.10T %.10M %.12l %.6D %R"],
+    result = _slurm_tool(["squeue", "--states=all", "-j", args.job_id, "-o", "%.12i %.10T %.10M %.12l %.6D %R"],
                             capture_output=True, text=True)
     if result.returncode == 0 and len(result.stdout.strip().splitlines()) > 1:
         print(result.stdout, end="")
         return 0
-    result = subprocess.run(["scontrol", "show", "job", args.job_id], capture_output=True, text=True)
+    result = _slurm_tool(["scontrol", "show", "job", args.job_id], capture_output=True, text=True)
     print(result.stdout or result.stderr, end="")
     return result.returncode
 
 
 def _cancel(args) -> int:
     command = ["scancel"] + ([f"--signal={args.signal}"] if args.signal else []) + [args.job_id]
-    return subprocess.run(command).returncode
+    return _slurm_tool(command).returncode
 
 
 def run(args) -> int:
-    return {"slurm": _run_slurm, "status": _status, "cancel": _cancel}[args.launch_command](args)
+    try:
+        return {"slurm": _run_slurm, "status": _status, "cancel": _cancel}[args.launch_command](args)
+    except FileNotFoundError as err:  # a SLURM client missing: the machine, not the arguments
+        return _fail(str(err), cli_args.FAILURE)

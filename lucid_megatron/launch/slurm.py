@@ -20,6 +20,35 @@ from string import Template
 from lucid_megatron import atomic
 
 TEMPLATE = Path(str(resources.files("lucid_megatron.launch") / "slurm.sbatch"))  # package data
+SLURM_TIME_FORMATS = ("MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS, DAYS-HOURS:MINUTES, "
+                      "DAYS-HOURS:MINUTES:SECONDS")
+
+
+def _time_fields(text: str) -> list[tuple[str, int]] | None:
+    """(unit, value) of each field of a SLURM time limit, or None when it has none of SLURM's forms."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not match:
+        return None
+    days, *rest = match.groups()
+    given = [int(value) for value in rest if value is not None]
+    if days is not None:
+        units = ("hours", "minutes", "seconds")
+        return [("days", int(days))] + list(zip(units, given))
+    units = {1: ("minutes",), 2: ("minutes", "seconds"), 3: ("hours", "minutes", "seconds")}[len(given)]
+    return list(zip(units, given))
+
+
+def slurm_time_problem(text: str) -> str | None:
+    """Why ``text`` is not a SLURM time limit (``sbatch --time``), or None. The leading field is unbounded
+    (``90`` minutes, ``48:00:00``); the fields after it are bounded by the next unit."""
+    fields = _time_fields(text)
+    if fields is None:
+        return "not one of its forms"
+    limits = {"hours": 24, "minutes": 60, "seconds": 60}
+    for unit, value in fields[1:]:
+        if value >= limits[unit]:
+            return f"{unit} {value} must be < {limits[unit]}"
+    return None
 
 
 @dataclasses.dataclass
@@ -64,8 +93,11 @@ class SlurmJob:
                 f"--nproc-per-node ({self.nproc_per_node}) must equal --gpus-per-node ({self.gpus_per_node}): "
                 "one training process per GPU"
             )
-        if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d{2}){0,2}", self.time):
-            raise ValueError(f"--time {self.time!r} is not a SLURM time (MINUTES, HH:MM:SS or D-HH:MM:SS)")
+        if self.time is not None:
+            problem = slurm_time_problem(self.time)
+            if problem:
+                raise ValueError(f"--time {self.time!r} is not a SLURM time: {problem}; "
+                                 f"allowed: {SLURM_TIME_FORMATS}")
         if self.sweep is not None and not self.sweep:
             raise ValueError("the sweep file lists no override sets")
 

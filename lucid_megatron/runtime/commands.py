@@ -43,14 +43,17 @@ def override_arguments(assignments: Sequence[str]) -> list[str]:
 
 
 def train_command(config: PathLike, run_dir: PathLike, *, overrides: Sequence[str] = (), resume: str | None = None,
-                  nproc_per_node: int | None = None) -> list[str]:
+                  nproc_per_node: int | None = None, allow_change: Sequence[str] = ()) -> list[str]:
     """``lucid train`` of ``config`` into ``run_dir``: ``resume`` is 'auto' or a checkpoint path;
-    ``nproc_per_node`` None leaves the count to the config (launch.nproc_per_node)."""
+    ``nproc_per_node`` None leaves the count to the config (launch.nproc_per_node); ``allow_change`` names the
+    fields a resume may change (the LR schedule, the data)."""
     arguments = ["train", str(config), "--run-dir", str(run_dir)]
     if nproc_per_node is not None:
         arguments += ["--nproc-per-node", str(nproc_per_node)]
     if resume:
         arguments += ["--resume", str(resume)]
+    if allow_change:
+        arguments += ["--allow-change", *allow_change]
     return arguments + override_arguments(overrides)
 
 

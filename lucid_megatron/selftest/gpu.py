@@ -19,6 +19,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from lucid_megatron import atomic
+
 from .parts.base import Context, Part, Result, Status
 from .parts.hf import HF
 from .parts.kernels import KERNELS, NUMERICS
@@ -55,8 +57,8 @@ class Report:
 
     def write(self) -> None:
         data = {"header": self.header, "parts": {n: r.to_json() for n, r in self.results.items()}}
-        (self.out / "results.json").write_text(json.dumps(data, indent=1, default=str))
-        (self.out / "results.md").write_text(self.markdown())
+        atomic.write_text(self.out / "results.json", json.dumps(data, indent=1, default=str))
+        atomic.write_text(self.out / "results.md", self.markdown())
 
     def failed(self) -> list[str]:
         return [name for name, r in self.results.items() if r.status == Status.FAIL]

@@ -1,4 +1,5 @@
-"""``lucid train CONFIG [--set section.key=value ...] [--run-dir DIR] [--resume auto|PATH] [--nproc-per-node N]``.
+"""``lucid train CONFIG [--set section.key=value ...] [--run-dir DIR] [--resume auto|PATH] [--nproc-per-node N]
+[--allow-change FIELD ...]``.
 
 Under torchrun (``WORLD_SIZE`` set) every process trains.  Otherwise the command validates the config
 for the requested number of processes, then trains in-process (N = 1) or starts torchrun for N
@@ -9,18 +10,31 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lucid_megatron.config.schema import ConfigError
 
+if TYPE_CHECKING:  # a type only: validate imports torch, which `lucid train --help` needs not
+    from lucid_megatron.train.validate import ResumePlan
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("config", help="YAML config (a path, or a name in configs/ such as 'demo')")
+    from lucid_megatron import cli_args
+
+    parser.add_argument("config", type=cli_args.input_file(),
+                        help="YAML config (a path, or a name in configs/ such as 'demo')")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (repeatable), e.g. --set train.steps=20")
-    parser.add_argument("--run-dir", help="where the run writes everything (default: runs/<config name>)")
-    parser.add_argument("--resume", help="'auto' (latest complete checkpoint in the run dir, if any) or a checkpoint path")
-    parser.add_argument("--nproc-per-node", type=int, help="processes to start on this machine (default: launch.nproc_per_node)")
+    parser.add_argument("--run-dir", type=cli_args.output_dir(),
+                        help="where the run writes everything (default: runs/<config name>)")
+    parser.add_argument("--resume", type=cli_args.input_dir(word="auto"),
+                        help="'auto' (latest complete checkpoint in the run dir, if any) or a checkpoint path")
+    parser.add_argument("--nproc-per-node", type=cli_args.positive_int(cli_args.MAX_PROCESSES),
+                        help="processes to start on this machine (default: launch.nproc_per_node)")
+    parser.add_argument("--allow-change", nargs="+", default=[], metavar="FIELD",
+                        help="fields a resume may change (the LR schedule, data.path, data.sources)")
 
 
 def default_run_dir(config: str) -> Path:
@@ -32,10 +46,11 @@ def _fail(message: str) -> int:
     return 2
 
 
-def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
-    """Everything that can be checked before a process group exists (raises ConfigError)."""
-    from lucid_megatron.train.validate import check_dataset, open_dataset, split_world
-    from lucid_megatron.data.shards import read_manifest
+def preflight(cfg, run_dir: Path, resume: str | None, world_size: int,
+              allow_change: Sequence[str] = ()) -> ResumePlan:
+    """Everything that can be checked before a process group exists (raises ConfigError); returns what the
+    resume changes (the trainer says it, once, on the checkpoint it actually resumes)."""
+    from lucid_megatron.train.validate import check_dataset, check_resume, check_same_model, open_dataset, split_world
     from lucid_megatron.checkpoint import Checkpointer, resolve_checkpoint
     from lucid_megatron.train.run_lock import RunDirBusy, check_free
 
@@ -49,10 +64,10 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
     check_spec(cfg.model.spec)
     if params_dtype(cfg.train.precision, default_device()) == torch.bfloat16 and cfg.train.zero_stage == 0:
         raise ConfigError(f"train.{BF16_NEEDS_ZERO} (train.precision={cfg.train.precision} means bf16 here)")
-    if cfg.data.sources:
-        check_dataset(cfg, open_dataset(cfg), layout)  # every source: present, one tokenizer, enough shards
-    elif (Path(cfg.data.path) / "manifest.json").exists():
-        check_dataset(cfg, read_manifest(cfg.data.path), layout)
+    dataset = None  # a synthetic dataset not written yet: the trainer writes it, then checks it
+    if cfg.data.sources or (Path(cfg.data.path) / "manifest.json").exists():
+        dataset = open_dataset(cfg)  # a mixture: every source present, one tokenizer
+        check_dataset(cfg, dataset, layout)
     elif cfg.data.synth is None:
         raise ConfigError(
             f"data.path: {cfg.data.path!r} has no manifest.json and data.synth is not set; make a dataset with "
@@ -63,14 +78,10 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
             source = resolve_checkpoint(cfg.checkpoint.init_from)
         except FileNotFoundError as err:
             raise ConfigError(f"checkpoint.init_from: {err}") from None
-        check_same_model(cfg.model, source)
+        check_same_model(cfg.model, source, what="checkpoint.init_from")
     if resume not in (None, "auto") and not (Path(resume) / "COMPLETE").exists():
         raise ConfigError(f"--resume: {resume!r} is not a complete checkpoint directory")
-    resumed = Path(resume) if resume not in (None, "auto") else None
-    if resume == "auto":
-        resumed = Checkpointer(run_dir / "checkpoints").latest()
-    if resumed is not None:
-        check_same_model(cfg.model, resumed)
+    plan = check_resume(cfg, _checkpoint_to_resume(run_dir, resume), dataset, allow_change)
     try:
         check_free(run_dir)
     except RunDirBusy as err:
@@ -80,28 +91,25 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int) -> None:
             f"--run-dir: {run_dir} already has checkpoints; pass --resume auto to continue that run, "
             "or choose another --run-dir"
         )
+    return plan
 
 
-# Fields that decide the shapes of the weights: a checkpoint only resumes into the same values.
-SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
-                "padded_vocab_size", "tie_embeddings")
+def _checkpoint_to_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint the trainer will resume, as far as its records tell: ``--resume PATH``, or with ``auto``
+    the newest complete one whose state.json reads (the trainer skips damaged ones, and says why; one whose
+    records do not read is left to it)."""
+    from lucid_megatron.checkpoint import Checkpointer, read_state
 
-
-def check_same_model(model, checkpoint: Path) -> None:
-    """Refuse to resume ``checkpoint`` into a model of other shapes, naming each field that differs."""
-    from lucid_megatron.checkpoint import read_model_config
-
-    saved = read_model_config(checkpoint, required=False)
-    if saved is None:
-        return  # checkpoints from before model.yaml was recorded: Megatron checks the shapes when loading
-    differ = [f"model.{name}: config {getattr(model, name)!r}, checkpoint {getattr(saved, name)!r}"
-              for name in SHAPE_FIELDS if getattr(model, name) != getattr(saved, name)]
-    if differ:
-        raise ConfigError(
-            f"--resume: {checkpoint} holds a model of other shapes than the config ({'; '.join(differ)}); "
-            "resume with the run's own config.yaml, or start a new --run-dir (checkpoint.init_from needs the "
-            "same shapes too)"
-        )
+    if resume is None:
+        return None
+    candidates = [Path(resume)] if resume != "auto" else Checkpointer(run_dir / "checkpoints").complete_checkpoints()
+    for path in reversed(candidates):
+        try:
+            read_state(path)
+        except (OSError, ValueError):
+            continue
+        return path
+    return None
 
 
 def _prepare_process(run_dir: Path, under_torchrun: bool, nproc: int, checks_first: bool) -> None:
@@ -137,7 +145,7 @@ def run(args) -> int:
         return _fail(str(err))
     if checks_first:
         try:
-            preflight(cfg, run_dir, args.resume, world_size)
+            preflight(cfg, run_dir, args.resume, world_size, args.allow_change)
         except (ConfigError, FileNotFoundError, ValueError) as err:
             return _fail(str(err))
         from lucid_megatron.runtime.console import release_log_file
@@ -154,7 +162,7 @@ def run(args) -> int:
         try:
             with PreemptionFlag() as preemption:  # one flag for training and final_eval (see signals.py)
                 # 0: trained (or preempted and saved); then the evaluation, if the run finished
-                return (run_training(cfg, run_dir, args.resume, preemption)
+                return (run_training(cfg, run_dir, args.resume, preemption, args.allow_change)
                         or run_final_eval(cfg, run_dir, preemption))
         except (TrainingStopped, RunDirBusy, CollectiveTimeout) as err:
             print(f"lucid train: stopped: {err}", file=sys.stderr, flush=True)
@@ -163,5 +171,6 @@ def run(args) -> int:
     from lucid_megatron.runtime.commands import train_command
     from lucid_megatron.runtime.torchrun import run_torchrun
 
-    return run_torchrun(nproc, train_command(args.config, run_dir, overrides=args.overrides, resume=args.resume),
-                        stop_grace_s=cfg.launch.stop_grace_s)
+    command = train_command(args.config, run_dir, overrides=args.overrides, resume=args.resume,
+                            allow_change=args.allow_change)
+    return run_torchrun(nproc, command, stop_grace_s=cfg.launch.stop_grace_s)

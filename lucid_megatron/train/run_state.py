@@ -8,22 +8,30 @@ A checkpoint holds, besides the weights and the optimizer (``checkpoint/store.py
         data                    DataPositions    where each data stream is, gathered from the ranks reading it
         tokenizer               TokenizerRecord  the dataset's tokenizer (converters and evaluators read it)
         lr_schedule             LRSchedule       the step it is at and the curve (schedule.py)
+        dataset                 DataRecord       what the streams read (each source's manifest digest) and in
+                                                 which order (num_streams, seed, shuffle_shards)
     rng/rank_K.pt (each rank its own)    RngStreams (checkpoint/store.py)
 
 Every part has ``state_dict()`` / ``load_state_dict(state)`` (torchtitan's Stateful pattern); :class:`RunState`
 merges the state.json parts into one dict and hands each the whole dict back on load.  A key a part does not
-find (a checkpoint from before it existed) leaves it at its fresh value.
+find (a checkpoint from before it existed) leaves it at its fresh value.  The records (layout, tokenizer,
+dataset, the LR curve) are what ``lucid train`` compares with the config before a resume (validate.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Iterable
 
 import torch.distributed as dist
 
 from lucid_megatron.checkpoint import RngStreams, Stateful
+from lucid_megatron.config.train import TrainConfig
 from lucid_megatron.data.loader import MicroBatch
+from lucid_megatron.data.mixture import Mixture
+from lucid_megatron.data.shards import MANIFEST, Manifest
 
 from .schedule import LRSchedule, RunLayout
 
@@ -85,6 +93,10 @@ class DataPositions:
         self.restored = dict(state.get("data", {}))
         self.advanced = {}
 
+    def drop(self) -> None:
+        """Forget the restored positions: the run reads other data from here, every stream from its start."""
+        self.restored = {}
+
 
 @dataclasses.dataclass
 class LayoutRecord:
@@ -129,6 +141,42 @@ class TokenizerRecord:
         """Nothing to restore: the run's tokenizer is its dataset's (the manifest decides)."""
 
 
+def manifest_digest(manifest: Manifest) -> str:
+    """A dataset's identity: the SHA-256 of its manifest.json's content (shard names, document counts, tokenizer,
+    source), as canonical JSON: the same wherever the directory is moved, however the file is indented."""
+    content = json.loads((manifest.dir / MANIFEST).read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class DataRecord:
+    """What the data streams read and in which order, for the resume check (validate.py): the saved positions
+    mean something only for the same sources, the same streams and the same shard order.
+
+    ``sources``: per dataset its name (None for ``data.path``), directory, weight, upsampling and manifest digest.
+    Empty when built without a dataset: then nothing is recorded.
+    """
+
+    sources: list[dict[str, object]] = dataclasses.field(default_factory=list)
+    order: dict[str, object] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, dataset: Manifest | Mixture) -> DataRecord:
+        order = {"num_streams": cfg.data.num_streams, "seed": cfg.train.seed, "shuffle_shards": cfg.data.shuffle_shards}
+        if not isinstance(dataset, Mixture):
+            return cls([{"name": None, "path": str(dataset.dir), "weight": 1.0, "upsample": None,
+                         "digest": manifest_digest(dataset)}], order)
+        return cls([{"name": source.name, "path": str(source.manifest.dir), "weight": source.weight,
+                     "upsample": None if source.upsample is None else dataclasses.asdict(source.upsample),
+                     "digest": manifest_digest(source.manifest)} for source in dataset.sources], order)
+
+    def state_dict(self) -> dict[str, object]:
+        return {"dataset": {"sources": self.sources, **self.order}} if self.sources else {}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Nothing to restore: the run reads its config's data (the resume check compares the two first)."""
+
+
 @dataclasses.dataclass
 class RunState:
     """Everything of the trainer a checkpoint restores besides the weights and the optimizer."""
@@ -138,10 +186,12 @@ class RunState:
     lr_schedule: LRSchedule
     layout: LayoutRecord
     tokenizer: TokenizerRecord
+    dataset: DataRecord = dataclasses.field(default_factory=DataRecord)
     rng: RngStreams = dataclasses.field(default_factory=RngStreams)  # per rank: its own file, not state.json
 
     def _shared_parts(self) -> tuple[Stateful, ...]:
-        return (self.layout, self.data, self.progress, self.tokenizer, self.lr_schedule)  # state.json's key order
+        # state.json's key order
+        return (self.layout, self.data, self.progress, self.tokenizer, self.lr_schedule, self.dataset)
 
     def state_dict(self) -> dict[str, object]:
         """state.json's content (collective: the data positions are gathered from every rank)."""

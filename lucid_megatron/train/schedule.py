@@ -45,10 +45,36 @@ def gradient_accumulation_steps(cfg: TrainConfig, layout: RunLayout) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data_parallel)
 
 
+# What defines the LR curve: the config field -> its key in state.json's ``lr_schedule`` record.
+CURVE_FIELDS = {"optimizer.lr": "peak_lr", "train.steps": "total_steps",
+                "schedule.warmup_fraction": "warmup_fraction", "schedule.decay": "decay",
+                "schedule.min_lr_ratio": "min_lr_ratio"}
+
+
+def config_value(cfg: TrainConfig, field: str):
+    """The value of a dotted config field such as ``train.steps``."""
+    section, key = field.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def with_curve(cfg: TrainConfig, record: dict[str, object]) -> TrainConfig:
+    """``cfg`` with the LR curve an ``lr_schedule`` record describes (to give the lr a checkpoint's run had)."""
+    sections: dict[str, dict[str, object]] = {}
+    for field, key in CURVE_FIELDS.items():
+        section, name = field.split(".")
+        sections.setdefault(section, {})[name] = record[key]
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)
+                                       for section, values in sections.items()})
+
+
+def warmup_steps(cfg: TrainConfig) -> int:
+    return round(cfg.schedule.warmup_fraction * cfg.train.steps)
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate of optimizer step ``step`` (1-based): linear warmup, then the decay."""
     peak, steps = cfg.optimizer.lr, cfg.train.steps
-    warmup = round(cfg.schedule.warmup_fraction * steps)
+    warmup = warmup_steps(cfg)
     if step <= warmup:
         return peak * step / warmup
     floor = peak * cfg.schedule.min_lr_ratio
@@ -64,7 +90,8 @@ class LRSchedule:
     """The learning rate of each optimizer step, as a part of the run's saved state.
 
     The rate is a pure function of the step (:func:`lr_at`); the state is the last step a rate was given for,
-    with what defines the curve, for the record: on resume the config decides the curve (train.steps may grow).
+    with what defines the curve: on resume the config decides the curve, and ``lucid train`` refuses one that
+    differs from the record unless ``--allow-change`` names the field (validate.py, ``check_resume``).
     """
 
     def __init__(self, cfg: TrainConfig):
@@ -81,12 +108,8 @@ class LRSchedule:
         return lr_at(self.cfg, self.last_step)
 
     def state_dict(self) -> dict[str, object]:
-        schedule = self.cfg.schedule
-        return {"lr_schedule": {
-            "step": self.last_step, "peak_lr": self.cfg.optimizer.lr, "total_steps": self.cfg.train.steps,
-            "warmup_fraction": schedule.warmup_fraction, "decay": schedule.decay,
-            "min_lr_ratio": schedule.min_lr_ratio,
-        }}
+        curve = {key: config_value(self.cfg, field) for field, key in CURVE_FIELDS.items()}
+        return {"lr_schedule": {"step": self.last_step, **curve}}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         saved = state.get("lr_schedule")

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -41,11 +42,11 @@ from lucid_megatron.checkpoint import (Checkpointer, checkpoint_problem, nonfini
 from .engine import StepResult, evaluate, rows_digest, train_step
 from .metrics import MetricsLogger
 from .run_lock import RunDirLock
-from .run_state import DataPositions, LayoutRecord, RunState, TokenizerRecord, TrainProgress
+from .run_state import DataPositions, DataRecord, LayoutRecord, RunState, TokenizerRecord, TrainProgress
 from . import status
 from .schedule import LRSchedule, gradient_accumulation_steps
 from .signals import PreemptionFlag
-from .validate import check_dataset, open_dataset, split_world
+from .validate import ResumePlan, check_dataset, check_resume, open_dataset, split_world
 
 
 class TrainingStopped(RuntimeError):
@@ -103,15 +104,17 @@ class LoopOutcome:
     step: int
     signal_name: str | None = None
 
-    def describe(self, checkpoint: Path, run_dir: Path) -> str:
-        """The last line the run prints: where its checkpoint is, and how to continue or what to look at."""
+    def describe(self, checkpoint: Path, run_dir: Path, tensorboard: bool) -> str:
+        """The last line the run prints: where its checkpoint is, and how to continue or what to look at
+        (``tensorboard``: whether the run logged there, logging.tensorboard)."""
         resume_hint = f"continue with: lucid train <config> --run-dir {run_dir} --resume auto"
         if self.signal_name is not None:
             return f"received {self.signal_name} at step {self.step}: saved {checkpoint}. {resume_hint}"
         if self.status == "stopped":
             return f"stopping at step {self.step} (train.stop_at_step): saved {checkpoint}; {resume_hint}"
+        board = f", TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}" if tensorboard else ""
         return (f"done: {self.step} steps. Run directory {run_dir}: checkpoint {checkpoint}, metrics "
-                f"{run_dir / 'metrics.jsonl'}, TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+                f"{run_dir / 'metrics.jsonl'}{board}")
 
 
 def _save_failure(root: Path, step: int, err: BaseException, previous: Path | None) -> str:
@@ -131,10 +134,11 @@ def _save_failure(root: Path, step: int, err: BaseException, previous: Path | No
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None,
-                 preemption: PreemptionFlag | None = None):
+                 preemption: PreemptionFlag | None = None, allow_change: Sequence[str] = ()):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.allow_change = tuple(allow_change)  # fields the resume may change (lucid train --allow-change)
         self.runtime = None
         self.engine = None
         self.metrics = None
@@ -151,6 +155,8 @@ class Trainer:
         self._start_runtime()
         self._open_dataset()
         self._find_resume_point()
+        self._check_resume()
+        self._record_config()
         self._build_engine()
         self._restore_state()
         self._open_loader()
@@ -170,7 +176,6 @@ class Trainer:
             self.preemption = PreemptionFlag()
         if self.runtime.is_first_rank:
             self.lock = RunDirLock(self.run_dir).acquire()  # before anything is written there
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
 
     def _open_dataset(self) -> None:
         """Rank 0 writes the synthetic dataset when configured and missing; then every rank checks it fits.
@@ -187,7 +192,8 @@ class Trainer:
     def _find_resume_point(self) -> None:
         """The run's checkpoints, and the one to resume (``resume_path``; None to start afresh)."""
         self.checkpoints = Checkpointer(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last,
-                                        async_save=self.cfg.checkpoint.writes_in_background(self.runtime.device))
+                                        async_save=self.cfg.checkpoint.writes_in_background(self.runtime.device),
+                                        say=_say)
         self.resume_path = None if self.resume is None else self._first_resumable()
 
     def _first_resumable(self) -> Path | None:
@@ -209,6 +215,27 @@ class Trainer:
                 f"no checkpoint can be resumed: {'; '.join(skipped)}. Fix or remove them (or start a new --run-dir)"
             )
         return None
+
+    def _check_resume(self) -> None:
+        """The config against the resumed checkpoint's run (``lucid train``'s preflight did the same, but
+        ``--resume auto`` may have skipped a damaged checkpoint since): a change is refused unless --allow-change
+        names it, and then said."""
+        with _refused_config():
+            self.resume_plan: ResumePlan = check_resume(self.cfg, self.resume_path, self.dataset, self.allow_change)
+        for note in self.resume_plan.notes:
+            _say(f"changed on resume (--allow-change): {note}")
+
+    def _record_config(self) -> None:
+        """RUN_DIR/config.yaml: the config this run trains with (rank 0).  A resume first keeps the previous one as
+        config.step_N.yaml, N the step resumed from, so the config of every trained step stays on record."""
+        if not self.runtime.is_first_rank:
+            return
+        current = self.run_dir / "config.yaml"
+        kept = self.run_dir / f"config.step_{self.resume_plan.step:08d}.yaml"
+        # kept already there: an earlier resume from this step moved it, and it is the config that trained up to it
+        if self.resume_path is not None and current.exists() and not kept.exists():
+            os.replace(current, kept)
+        current.write_text(dump_config(self.cfg))
 
     def _weights_source(self) -> Path | None:
         """Where the model's weights come from: the resumed checkpoint, checkpoint.init_from, or None (fresh)."""
@@ -252,10 +279,12 @@ class Trainer:
         self.state = RunState(
             progress=TrainProgress(), data=DataPositions(), lr_schedule=LRSchedule(self.cfg),
             layout=LayoutRecord.of(self.layout, self.cfg.train.zero_stage),
-            tokenizer=TokenizerRecord(self.manifest.tokenizer),
+            tokenizer=TokenizerRecord(self.manifest.tokenizer), dataset=DataRecord.of(self.cfg, self.dataset),
         )
         if self.resume_path is not None:
             self.state.load_state_dict(read_state(self.resume_path))
+            if not self.resume_plan.keep_data_positions:
+                self.state.data.drop()
             _say(Checkpointer.load_training_state(self.resume_path, self.engine, self.state.rng,
                                                   same_layout=self.state.layout.same_as_saved,
                                                   layout_note=self.state.layout.describe_change()))
@@ -526,7 +555,7 @@ class Trainer:
             path = self.save()
             self.wait_for_checkpoint(outcome.step, reason="before exiting")
         write_status(self.run_dir, outcome.status, outcome.step)
-        _say(outcome.describe(path, self.run_dir))
+        _say(outcome.describe(path, self.run_dir, tensorboard=self.cfg.logging.tensorboard))
 
     def close(self) -> None:
         if self.checkpoints is not None and self.checkpoints.pending is not None:
@@ -543,5 +572,5 @@ class Trainer:
 
 
 def run_training(cfg: TrainConfig, run_dir: str | Path, resume: str | None = None,
-                 preemption: PreemptionFlag | None = None) -> int:
-    return Trainer(cfg, run_dir, resume, preemption).run()
+                 preemption: PreemptionFlag | None = None, allow_change: Sequence[str] = ()) -> int:
+    return Trainer(cfg, run_dir, resume, preemption, allow_change).run()

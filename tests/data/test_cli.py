@@ -1,4 +1,5 @@
-"""``lucid data synth`` and ``lucid data prepare`` end to end, in a subprocess as a user runs them."""
+"""``lucid data synth`` and ``lucid data prepare`` end to end, in a subprocess as a user runs them. Bad input
+exits 2, as in every subcommand (docs/cli.md)."""
 
 import json
 import re
@@ -44,9 +45,9 @@ def test_synth_command(tmp_path):
         assert 100 <= len(tokens) <= 140 and mask.sum() == 8  # two 4-digit answers
 
     again = lucid("synth", out)
-    assert again.returncode == 1 and "not empty" in again.stderr and str(out) in again.stderr
+    assert again.returncode == 2 and "not empty" in again.stderr and str(out) in again.stderr
     bad = lucid("synth", tmp_path / "bad", "--min-len", 10)
-    assert bad.returncode == 1 and "min_len=10" in bad.stderr and not (tmp_path / "bad").exists()
+    assert bad.returncode == 2 and "min_len=10" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_prepare_command(tmp_path):
@@ -88,13 +89,13 @@ def test_prepare_reports_bad_lines(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"title": "no text"}) + "\n")
     result = lucid("prepare", path, "--out", tmp_path / "out")
-    assert result.returncode == 1 and f"{path}:2: no 'text' field" in result.stderr
+    assert result.returncode == 2 and f"{path}:2: no 'text' field" in result.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written is left behind
     path.write_text("{broken\n")
     result = lucid("prepare", path, "--out", tmp_path / "out")
-    assert result.returncode == 1 and f"{path}:1: not a JSON value" in result.stderr
+    assert result.returncode == 2 and f"{path}:1: not a JSON value" in result.stderr
     result = lucid("prepare", tmp_path / "notes.md", "--out", tmp_path / "out")
-    assert result.returncode == 1 and "notes.md" in result.stderr and ".txt, .jsonl" in result.stderr
+    assert result.returncode == 2 and "notes.md" in result.stderr and ".txt, .jsonl" in result.stderr
 
 
 def test_prepare_with_hf_tokenizer(tmp_path):
@@ -113,3 +114,18 @@ def test_prepare_with_hf_tokenizer(tmp_path):
     tok = tokenizer_from_manifest(manifest)
     assert tok.decode(tokens) == "hello world the quick brown fox" and tokens[0] == tokens[-1] == tok.eos_id
     assert np.all(tokens < tok.vocab_size)
+
+
+def test_prepare_says_what_an_input_is_when_it_is_no_file(tmp_path):
+    """An input that exists but is not a readable file is named for what it is, not as missing."""
+    import os
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("text")
+    os.mkfifo(corpus / "stream.jsonl")
+    result = lucid("prepare", corpus, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "stream.jsonl' is a FIFO, not a regular file" in result.stderr, result.stderr
+    assert "does not exist" not in result.stderr and not (tmp_path / "out").exists()
+    result = lucid("prepare", tmp_path / "missing.txt", "--out", tmp_path / "out")
+    assert result.returncode == 2 and "missing.txt' does not exist" in result.stderr, result.stderr

@@ -314,9 +314,9 @@ def test_bad_input_from_a_worker_through_the_command(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
     result = lucid_prepare(path, "--out", tmp_path / "out", "--workers", 2)
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input
     assert result.stderr.strip().splitlines() == [f"lucid data prepare: error: {path}:2: not UTF-8 text "
                                                   "(invalid start byte at byte 10 of the line)"]
     assert not (tmp_path / "out").exists() and not staging_of(tmp_path / "out").exists()
     zero = lucid_prepare(path, "--out", tmp_path / "out", "--workers", 0)
-    assert zero.returncode == 1 and "workers=0 is not allowed" in zero.stderr
+    assert zero.returncode == 2 and "argument --workers: 0 is not allowed" in zero.stderr

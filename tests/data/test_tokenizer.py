@@ -4,6 +4,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from lucid_megatron.data import ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_from_manifest
+from lucid_megatron.data.tokenizer import tokenizer_mismatch
 
 from .common import build_hf_tokenizer
 
@@ -67,3 +68,18 @@ def test_tokenizer_from_manifest_entry(tmp_path):
     moved = dict(tok.manifest_entry(), path=str(tmp_path / "gone"))
     with pytest.raises(FileNotFoundError, match="gone"):
         tokenizer_from_manifest(moved)
+
+
+def test_tokenizer_mismatch_names_both_records(tmp_path):
+    byte = ByteTokenizer().manifest_entry()
+    bpe = load_tokenizer(str(build_hf_tokenizer(tmp_path / "t"))).manifest_entry()
+    problem = tokenizer_mismatch(byte, bpe, a_is="the checkpoint was trained with", b_is="the dataset D was made with")
+    assert problem == (
+        f"tokenizers differ (kind byte vs hf, name byte-v1 vs hf:t, vocabulary 259 vs {bpe['vocab_size']}, "
+        f"bos 256 vs {bpe['bos_id']}, eos 257 vs {bpe['eos_id']}, pad 258 vs {bpe['pad_id']}): the checkpoint was "
+        f"trained with byte-v1 (vocabulary 259, bos 256, eos 257, pad 258); the dataset D was made with hf:t "
+        f"(vocabulary {bpe['vocab_size']}, bos {bpe['bos_id']}, eos {bpe['eos_id']}, pad {bpe['pad_id']})")
+    # the same tokenizer elsewhere (a copied directory) agrees; one changed special id does not
+    assert tokenizer_mismatch(bpe, dict(bpe, path="/elsewhere/t"), a_is="a", b_is="b") is None
+    changed = tokenizer_mismatch(byte, dict(byte, eos_id=0), a_is="a", b_is="b")
+    assert changed.startswith("tokenizers differ (eos 257 vs 0): a byte-v1")

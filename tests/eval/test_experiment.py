@@ -228,7 +228,7 @@ def test_toy_command_keeps_finished_runs_and_redoes_changed_ones(tmp_path, capsy
     assert all(p.stat().st_mtime_ns != runs[p.name] for p in (out / "runs").iterdir())
     assert json.loads((out / "toy.json").read_text())["config"]["steps_per_phase"] == 4
     assert main(["experiment", "toy", "--out", str(out), "--steps", "0"]) == 2
-    assert "--steps=0" in capsys.readouterr().err
+    assert "argument --steps: 0 is not allowed" in capsys.readouterr().err
 
 
 def test_steps_to_reach_is_the_first_logged_step_below():

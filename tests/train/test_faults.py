@@ -68,7 +68,7 @@ def test_bad_launch_values_fail_before_any_process_starts(config, tmp_path):
     not_a_checkpoint = tmp_path / "empty"
     not_a_checkpoint.mkdir()
     cases = [
-        (dict(nproc=0), "--nproc-per-node: must be >= 1, got 0"),
+        (dict(nproc=0), "argument --nproc-per-node: 0 is not allowed"),
         (dict(overrides=[f"checkpoint.init_from={not_a_checkpoint}"]),
          f"checkpoint.init_from: '{not_a_checkpoint}' is not a complete checkpoint (no COMPLETE file) and holds none"),
     ]
