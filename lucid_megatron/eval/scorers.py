@@ -170,11 +170,7 @@ class HFScorer:
     LUCID exports load without it, through the classes this package registers."""
 
     def __init__(self, path: str | Path, *, trust_remote_code: bool = False):
-        from transformers import AutoModelForCausalLM
-
-        import lucid_megatron.hf  # noqa: F401  (registers the LUCID classes: own exports need no remote code)
-
-        from lucid_megatron.convert.hf_io import load_hf_model
+        from lucid_megatron.convert.hf_io import load_hf_model  # LUCID exports load through our registered classes
 
         self.model = load_hf_model(path, trust_remote_code=trust_remote_code).eval()
 

@@ -28,6 +28,7 @@ import yaml
 from megatron.core import parallel_state
 from torch.distributed.checkpoint.api import CheckpointException
 
+from lucid_megatron import atomic
 from lucid_megatron.config.schema import ConfigError, to_dict
 from lucid_megatron.config.train import TrainConfig, dump_config
 from lucid_megatron.data import loader as data_loader
@@ -235,7 +236,7 @@ class Trainer:
         # kept already there: an earlier resume from this step moved it, and it is the config that trained up to it
         if self.resume_path is not None and current.exists() and not kept.exists():
             os.replace(current, kept)
-        current.write_text(dump_config(self.cfg))
+        atomic.write_text(current, dump_config(self.cfg))
 
     def _weights_source(self) -> Path | None:
         """Where the model's weights come from: the resumed checkpoint, checkpoint.init_from, or None (fresh)."""
