@@ -41,6 +41,17 @@ def _kind_of(mode: int) -> str:
     return next((name for is_kind, name in _KINDS if is_kind(mode)), "a special file")
 
 
+def entry_kind(path) -> str | None:
+    """What an existing ``path`` is, links followed ('a regular file', 'a directory', 'a FIFO', ...; 'unreadable'
+    if it cannot be looked at); None if nothing is there."""
+    try:
+        return _kind_of(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return "unreadable"
+
+
 def _existing_kind(path: Path, label: str) -> str | None:
     """What is at ``path`` ("a character device", "a symlink to a directory", ...); None if nothing is."""
     try:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-import stat
 import sys
+
+from lucid_megatron import atomic
 
 USAGE = 2  # bad usage or input (argparse's own code for its errors)
 FAILURE = 1  # the work itself failed
@@ -128,19 +128,6 @@ def byte_size(low: int, high: int):
 # ------------------------------------------------------------------------------------------ paths
 
 
-def entry_kind(path: str) -> str | None:
-    """'a directory', 'a regular file', 'a FIFO', ... for an existing path (links followed); None if absent."""
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError:
-        return "unreadable"
-    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    return next((name for test, name in kinds if test(mode)), "a special file")
-
-
 def _path_type(role: str, wanted: tuple[str, ...], expected: str, *, word: str | None = None):
     """A path that, when it exists, is one of ``wanted`` (entry kinds); ``word`` is a non-path value allowed."""
 
@@ -149,7 +136,7 @@ def _path_type(role: str, wanted: tuple[str, ...], expected: str, *, word: str |
             _refuse("an empty path", expected)
         if text == word:
             return text
-        kind = entry_kind(text)
+        kind = atomic.entry_kind(text)
         if kind is not None and kind not in wanted:
             raise argparse.ArgumentTypeError(f"{text!r} is {kind}; expected {expected}")
         return text
@@ -187,12 +174,10 @@ def output_dir():
 def check_resumable_dir(path, option: str) -> str:
     """An output directory a rerun continues in (earlier results kept): absent, or a directory. Anything else
     raises ``atomic.OutputPathError`` naming ``option`` and what is there."""
-    from lucid_megatron.atomic import OutputPathError
-
-    kind = entry_kind(str(path))
+    kind = atomic.entry_kind(str(path))
     if kind not in (None, "a directory"):
-        raise OutputPathError(f"{option} {str(path)!r} is {kind}; it must be a directory (a rerun continues in it) "
-                              "or a new path")
+        raise atomic.OutputPathError(f"{option} {str(path)!r} is {kind}; it must be a directory (a rerun continues "
+                                     "in it) or a new path")
     return path
 
 

@@ -4,7 +4,6 @@ starts, memory before anything is generated, outputs before anything is computed
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -191,9 +190,7 @@ def test_every_slurm_time_form_is_accepted(time_limit):
 
 
 def test_missing_slurm_tools_are_one_line_failures(capsys, monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")
-    if shutil.which("squeue"):
-        pytest.skip("squeue is on this machine")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no SLURM client can be found, installed or not
     code, err = lucid(capsys, "launch", "status", "123")
     assert code == 1 and err == ("lucid launch: error: squeue not found: run this on a machine with the SLURM "
                                  "client tools\n")

@@ -51,7 +51,7 @@ def _supported_files(paths) -> list[Path]:
 
 def _check_readable_file(path) -> None:
     """Refuse an input that exists but is no readable regular file (a FIFO would block the read forever)."""
-    from lucid_megatron.cli_args import entry_kind
+    from lucid_megatron.atomic import entry_kind
 
     kind = entry_kind(str(path))
     if kind is None:
