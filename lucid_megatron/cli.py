@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "train": ("lucid_megatron.train.cli", "train a LUCID model (DeepSpeed ZeRO over Megatron-Core)"),
     "convert": ("lucid_megatron.convert.cli", "Megatron <-> Hugging Face conversion and logit-parity check"),
     "eval": ("lucid_megatron.eval.cli", "long-context evaluation: needle retrieval, loss by position"),
-    "experiment": ("lucid_megatron.experiment.cli", "LUCID vs softmax reproduction and the attention-sink toy"),
+    "experiment": ("lucid_megatron.experiment.cli", "LUCID vs softmax reproduction, the context-extension recipe, the attention-sink toy"),
     "launch": ("lucid_megatron.launch.cli", "start training: torchrun on this machine, or a SLURM job"),
     "demo": ("lucid_megatron.demo", "check and time the LUCID operator on a small CPU problem"),
     "selftest": ("lucid_megatron.selftest.cli", "acceptance run of the GPU path (or --cpu-smoke of its code paths)"),

@@ -54,6 +54,7 @@ BASES = {
     ("eval", "niah"): Base(options={"--checkpoint": "{missing}", "--lengths": "64"}),
     ("eval", "ppl"): Base(options={"--checkpoint": "{missing}", "--data": "{missing}"}),
     ("experiment", "repro"): Base({"experiment": "{missing}.yaml"}, {"--out": "{new}"}),
+    ("experiment", "extend"): Base({"recipe": "{missing}.yaml"}, {"--out": "{new}"}),
     ("experiment", "toy"): Base(options={"--out": "{new}"}),
     ("launch", "slurm"): Base({"config": "{missing}.yaml"}, {"--dry-run": ""}),
     ("launch", "status"): None,  # no numeric or path option (and never a real squeue/scancel from a test)

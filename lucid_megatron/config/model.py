@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Literal, Union
@@ -41,6 +42,59 @@ def parse_lucid_layers(pattern: Union[str, list[int]], num_layers: int) -> list[
     )
 
 
+ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
+
+
+@dataclasses.dataclass
+class RopeScaling:
+    """How RoPE's frequencies are stretched for contexts longer than the model was trained on (docs/training.md,
+    "Extending the context").  ``type``: ``none``; ``linear`` (position interpolation: positions / factor);
+    ``llama3`` (Llama 3.x: long wavelengths / factor, short ones kept, a smooth ramp between); ``yarn``
+    (per-frequency ramp between interpolation and extrapolation, and an attention factor on cos/sin).  The
+    field names and meanings are transformers' ``rope_parameters``, so an export's config.json carries them as is."""
+
+    type: Literal["none", "linear", "llama3", "yarn"] = "none"
+    factor: float = 1.0  # new context / original context
+    original_max_position_embeddings: int | None = None  # the length the model was trained at (llama3, yarn)
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original / low_freq_factor are divided by factor
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original / high_freq_factor are kept
+    beta_fast: float = 32.0  # yarn: rotations in the original length above which a frequency is kept
+    beta_slow: float = 1.0  # yarn: rotations below which a frequency is interpolated (divided by factor)
+    # yarn: both set -> attention factor (1 + 0.1 mscale ln f) / (1 + 0.1 mscale_all_dim ln f) (DeepSeek's form);
+    # otherwise 1 + 0.1 ln f (the YaRN paper's)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+
+    def validate(self) -> None:
+        if self.type == "none":
+            if self.factor != 1.0:
+                raise ConfigError(f"factor: {self.factor} needs a scaling type; allowed types: "
+                                  f"{', '.join(ROPE_SCALING_TYPES[1:])} (or factor 1 with type none)")
+            return
+        if not self.factor > 1.0:
+            raise ConfigError(f"factor: must be > 1 for type {self.type!r} (new length / original), got {self.factor}")
+        if self.type in ("llama3", "yarn") and self.original_max_position_embeddings is None:
+            raise ConfigError(f"original_max_position_embeddings: required for type {self.type!r} "
+                              "(the length the model was trained at)")
+        if self.original_max_position_embeddings is not None and self.original_max_position_embeddings < 1:
+            raise ConfigError(f"original_max_position_embeddings: must be >= 1, got "
+                              f"{self.original_max_position_embeddings}")
+        if self.type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ConfigError(f"low_freq_factor: must be > 0 and below high_freq_factor "
+                              f"({self.high_freq_factor}), got {self.low_freq_factor}")
+        if self.type == "yarn" and not 0 < self.beta_slow < self.beta_fast:
+            raise ConfigError(f"beta_slow: must be > 0 and below beta_fast ({self.beta_fast}), got {self.beta_slow}")
+
+    @property
+    def yarn_attention_factor(self) -> float:
+        """What YaRN multiplies cos and sin by (so attention logits by its square)."""
+        def m(scale: float) -> float:
+            return 1.0 + 0.1 * scale * math.log(self.factor)
+        if self.mscale and self.mscale_all_dim:
+            return m(self.mscale) / m(self.mscale_all_dim)
+        return m(1.0)
+
+
 # A resumed run keeps every field but the few train/validate.py's FREE_MODEL_FIELDS lists: `lucid train` compares
 # the checkpoint's model.yaml with the config field by field, so a field added here is covered without more code.
 @dataclasses.dataclass
@@ -55,6 +109,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     position_embedding: Literal["rope", "none"] = "rope"
     rotary_base: float = 10000.0
+    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     lucid_layers: Union[str, list[int]] = "all"
@@ -91,6 +146,9 @@ class ModelConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         parse_lucid_layers(self.lucid_layers, self.num_layers)
+        if self.rope_scaling.type != "none" and self.position_embedding != "rope":
+            raise ConfigError(f"rope_scaling.type: {self.rope_scaling.type!r} needs position_embedding 'rope', "
+                              f"got {self.position_embedding!r}")
 
     @property
     def kv_heads(self) -> int:

@@ -190,6 +190,17 @@ def from_dict(cls, data, path: str = ""):
     return obj
 
 
+def load_spec_file(path: str | Path, cls, what: str):
+    """A YAML file read into dataclass ``cls`` (``from_dict``); errors name the file (``what``: what it is)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        return from_dict(cls, parse_yaml(path.read_text(), str(path)) or {})
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
 def to_dict(obj) -> dict:
     """The inverse of :func:`from_dict` (plain, YAML-serialisable data)."""
     return dataclasses.asdict(obj)

@@ -12,10 +12,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lucid_megatron import atomic
-from lucid_megatron.config import ConfigError, ModelConfig, from_dict
+from lucid_megatron.config import ConfigError, ModelConfig, from_dict, to_dict
 from lucid_megatron.hf import AUTO_MAP, REMOTE_CODE_FILES, LucidConfig, LucidForCausalLM
 
 from .mapping import exported_vocab_size
+from .rope_parameters import hf_rope_parameters, rope_from_hf
 
 SUPPORTED_ARCHITECTURES = ("lucid", "llama")
 
@@ -27,6 +28,7 @@ def hf_config_for(cfg: ModelConfig, tokenizer: dict) -> LucidConfig:
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.kv_heads, head_dim=cfg.kv_channels, max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps, position_embedding=cfg.position_embedding, rope_theta=cfg.rotary_base,
+        rope_parameters=hf_rope_parameters(cfg),
         lucid_layers=[i + 1 for i, lucid in enumerate(cfg.layer_is_lucid()) if lucid], lucid_eps=cfg.lucid_eps,
         initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=tokenizer.get("bos_id"), eos_token_id=tokenizer.get("eos_id"),
@@ -68,7 +70,6 @@ def model_config_from_hf(config: dict, source: Path, *, from_llama: bool, lucid_
             make_vocab_size_divisible_by=extra.get("make_vocab_size_divisible_by", math.gcd(vocab, 128)),
             lucid_layers=extra.get("lucid_layers", config["lucid_layers"]),
             position_embedding=config.get("position_embedding", "rope"), lucid_eps=config.get("lucid_eps", 1e-6),
-            rotary_base=float(config.get("rope_theta", 10000.0)),
         )
     else:
         for flag in ("attention_bias", "mlp_bias"):
@@ -76,16 +77,12 @@ def model_config_from_hf(config: dict, source: Path, *, from_llama: bool, lucid_
                 raise ValueError(f"{source}/config.json: {flag}=true is not supported (LUCID models have no biases)")
         if config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}/config.json: hidden_act={config['hidden_act']!r}; only 'silu' (SwiGLU)")
-        rope = config.get("rope_parameters") or {}
-        scaling = config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        if rope_type != "default":
-            raise ValueError(f"{source}/config.json: RoPE scaling {rope_type!r} is not supported")
         fields = dict(
             vocab_size=vocab, make_vocab_size_divisible_by=math.gcd(vocab, 128),  # no padding rows
             lucid_layers=lucid_layers if lucid_layers is not None else "all", position_embedding="rope",
-            rotary_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
         )
+    rotary_base, rope_scaling = rope_from_hf(config, source)
+    fields.update(rotary_base=rotary_base, rope_scaling=to_dict(rope_scaling))
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim")
     fields.update(

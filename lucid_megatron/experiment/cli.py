@@ -1,11 +1,15 @@
-"""``lucid experiment repro | toy``.
+"""``lucid experiment repro | extend | toy``.
 
     lucid experiment repro configs/repro/experiment.yaml --out results/repro [--jobs 2]
                            [--only softmax lucid] [--seeds 0 1] [--set train.steps=10] [--eval-samples 8]
+    lucid experiment extend configs/context-extension/recipe.yaml --out results/context-extension [--jobs 2]
+                            [--seeds 0] [--set train.steps=10] [--eval-samples 8]
     lucid experiment toy --out results/toy [--steps 30000] [--seeds 0 1] [--residual]
 
 ``repro`` trains and evaluates every condition x seed (resumable; see lucid_megatron/experiment/repro.py)
-and writes results.json, table.md and one PNG per plot group.  ``toy`` runs the authors' one-layer
+and writes results.json, table.md and one PNG per plot group.  ``extend`` trains the short model of each
+attention x seed, continues it once per RoPE variant, scores all of them (lucid_megatron/experiment/extension.py)
+and writes results.json and table.md.  ``toy`` runs the authors' one-layer
 attention-sink experiment for softmax and LUCID and writes toy.json, toy.png (loss curves) and attention.png
 (attention sharpness over training); each finished run is kept under runs/, so an interrupted call resumes.
 """
@@ -24,20 +28,19 @@ MAX_STEPS = 10**8
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="experiment_command", metavar="{repro,toy}", required=True)
+    sub = parser.add_subparsers(dest="experiment_command", metavar="{repro,extend,toy}", required=True)
     repro = sub.add_parser("repro", help="LUCID vs softmax needle retrieval over conditions and seeds")
     repro.add_argument("experiment", type=cli_args.input_file(),
                        help="experiment YAML (e.g. configs/repro/experiment.yaml)")
-    repro.add_argument("--out", required=True, type=cli_args.output_dir(),
-                       help="output directory (runs/, results.json, table.md, plots); a rerun continues in it")
-    repro.add_argument("--jobs", type=cli_args.positive_int(MAX_JOBS), default=2,
-                       help="runs in parallel (CPU threads are split between them)")
+    _run_options(repro, outputs="runs/, results.json, table.md, plots", parallel="runs",
+                 overridden="every condition")
     repro.add_argument("--only", nargs="+", help="run only these conditions")
-    repro.add_argument("--seeds", type=cli_args.seed(), nargs="+", help="run only these seeds")
-    repro.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a training value in every condition (e.g. for a smoke run)")
-    repro.add_argument("--eval-samples", type=cli_args.positive_int(10**6),
-                       help="documents per evaluation length (default: the file's)")
+
+    extend = sub.add_parser("extend", help="context extension: a short model continued at 4x with each RoPE variant")
+    extend.add_argument("recipe", type=cli_args.input_file(),
+                        help="recipe YAML (e.g. configs/context-extension/recipe.yaml)")
+    _run_options(extend, outputs="data/, runs/, results.json, table.md", parallel="(attention, seed) chains",
+                 overridden="every run of both stages")
 
     toy = sub.add_parser("toy", help="one attention layer: identity, then cumulative average (attention sink)")
     toy.add_argument("--out", required=True, type=cli_args.output_dir(), help="a rerun continues in it")
@@ -47,6 +50,19 @@ def add_arguments(parser) -> None:
     toy.add_argument("--lr", type=cli_args.float_in(0, 10, low_open=True), default=1e-3)
     toy.add_argument("--residual", action="store_true",
                      help="add the embedding back (x + attention(x)); the authors' head reads the attention alone")
+
+
+def _run_options(parser, *, outputs: str, parallel: str, overridden: str) -> None:
+    """What the experiments that train through ``lucid train`` share: output, parallel runs, seeds, overrides."""
+    parser.add_argument("--out", required=True, type=cli_args.output_dir(),
+                        help=f"output directory ({outputs}); a rerun continues in it")
+    parser.add_argument("--jobs", type=cli_args.positive_int(MAX_JOBS), default=2,
+                        help=f"{parallel} in parallel (CPU threads are split between them)")
+    parser.add_argument("--seeds", type=cli_args.seed(), nargs="+", help="run only these seeds")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=f"override a training value in {overridden} (e.g. for a smoke run)")
+    parser.add_argument("--eval-samples", type=cli_args.positive_int(10**6),
+                        help="documents per evaluation length (default: the file's)")
 
 
 def _fail(message: str, code: int = cli_args.USAGE) -> int:
@@ -60,6 +76,16 @@ def _repro(args) -> int:
     eval_overrides = {"num_samples": args.eval_samples} if args.eval_samples else None
     run_experiment(exp, Path(args.out), jobs=args.jobs, only=args.only, seeds=args.seeds, extra=args.overrides,
                    eval_overrides=eval_overrides)
+    print(f"wrote {Path(args.out) / 'table.md'}")
+    return 0
+
+
+def _extend(args) -> int:
+    from lucid_megatron.experiment.extension import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)
+    run_recipe(recipe, Path(args.out), jobs=args.jobs, seeds=args.seeds, extra=args.overrides,
+               eval_samples=args.eval_samples)
     print(f"wrote {Path(args.out) / 'table.md'}")
     return 0
 
@@ -120,7 +146,7 @@ def _toy(args) -> int:
 def run(args) -> int:
     try:
         cli_args.check_resumable_dir(args.out, "--out")
-        return {"repro": _repro, "toy": _toy}[args.experiment_command](args)
+        return {"repro": _repro, "extend": _extend, "toy": _toy}[args.experiment_command](args)
     except cli_args.BAD_INPUT_ERRORS as err:
         return _fail(str(err), cli_args.exit_code(err))
     except RuntimeError as err:  # a run of the experiment failed (it names its log)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lucid_megatron import atomic
-from lucid_megatron.config.schema import ConfigError, from_dict, parse_yaml
+from lucid_megatron.config.schema import load_spec_file
 from lucid_megatron.runtime.commands import NiahOptions, niah_command, process_command, shell_text, train_command
 
 
@@ -77,12 +77,7 @@ def _overrides(mapping: dict | None) -> list[str]:
 
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"experiment file {str(path)!r} does not exist")
-    try:
-        spec = from_dict(ExperimentFile, parse_yaml(path.read_text(), str(path)) or {})
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    spec = load_spec_file(path, ExperimentFile, "experiment file")
     base = (path.parent / spec.base).resolve()
     if not base.exists():
         raise FileNotFoundError(f"{path}: base config {str(base)!r} does not exist")
@@ -93,22 +88,30 @@ def load_experiment(path: str | Path) -> Experiment:
                       title=spec.title)
 
 
+def run_logged(run_dir: Path, commands: list[list[str]], *, threads: int, label: str, products=None) -> None:
+    """Run ``lucid`` commands one after another in child processes, output appended to RUN_DIR/log.txt and the
+    commands kept in RUN_DIR/command.txt; a command whose product (same order, optional) exists is skipped.  A
+    failure raises RuntimeError naming ``label``, the command and the log."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(run_dir / "command.txt", "".join(shell_text(arguments) + "\n" for arguments in commands))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    with open(run_dir / "log.txt", "a") as log:
+        for arguments, product in zip(commands, products or [None] * len(commands)):
+            if product is not None and product.exists():
+                continue
+            code = subprocess.run(process_command(arguments), stdout=log, stderr=subprocess.STDOUT,
+                                  env=env).returncode
+            if code != 0:
+                raise RuntimeError(f"{label}: `{shell_text(arguments)}` exited {code}; see {run_dir / 'log.txt'}")
+
+
 def _run_one(exp: Experiment, condition: str, seed: int, out: Path, extra: list[str], threads: int) -> dict:
     """Train and evaluate one (condition, seed) unless already done; returns its niah results."""
     run_dir = out / "runs" / condition / f"seed{seed}"
     result_file = run_dir / "niah.json"
     if not result_file.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         commands = [exp.train_arguments(condition, seed, run_dir, extra), exp.niah_arguments(run_dir)]
-        atomic.write_text(run_dir / "command.txt", "".join(shell_text(arguments) + "\n" for arguments in commands))
-        with open(run_dir / "log.txt", "a") as log:
-            for arguments in commands:
-                code = subprocess.run(process_command(arguments), stdout=log, stderr=subprocess.STDOUT,
-                                      env=env).returncode
-                if code != 0:
-                    raise RuntimeError(f"{condition} seed {seed}: `{shell_text(arguments)}` exited {code}; "
-                                       f"see {run_dir / 'log.txt'}")
+        run_logged(run_dir, commands, threads=threads, label=f"{condition} seed {seed}")
         print(f"experiment: {condition} seed {seed} done", flush=True)
     results = json.loads(result_file.read_text())
     by_length = next(iter(results["models"].values()))

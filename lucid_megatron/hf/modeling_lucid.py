@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_lucid import LucidConfig
@@ -239,11 +240,16 @@ class LucidModel(LucidPreTrainedModel):
     def _rope(self, position_ids, dtype):
         if self.config.position_embedding != "rope":
             return None
-        d = self.config.head_dim
-        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, device=position_ids.device).float() / d))
-        angles = position_ids.float()[..., None] * inv_freq
+        params = self.config.rope_parameters
+        if params.get("rope_type", "default") == "default":
+            d = self.config.head_dim
+            exponents = torch.arange(0, d, 2, device=position_ids.device).float() / d
+            inv_freq, attention_factor = 1.0 / (params["rope_theta"] ** exponents), 1.0
+        else:  # scaled RoPE: transformers' own initialisers (the ones its Llama uses), from rope_parameters
+            inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](self.config, position_ids.device)
+        angles = position_ids.float()[..., None] * inv_freq.to(position_ids.device)
         angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos(), angles.sin()
+        return angles.cos() * attention_factor, angles.sin() * attention_factor
 
     def forward(self, input_ids, valid, position_ids, cache, keep_states=None):
         """The final normed hidden states and, for ``keep_states`` (indices into them), every hidden state the

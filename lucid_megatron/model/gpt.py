@@ -12,6 +12,7 @@ from lucid_megatron.config import ModelConfig, ParallelConfig
 from lucid_megatron.config.parallel import check_model_fits
 
 from lucid_megatron.parallel.cpu_shim import apply_cpu_shim
+from .rope import apply_llama3_frequencies, gpt_model_rope_args, yarn_config_attributes
 from .specs import get_lucid_block_spec, require_transformer_engine
 
 
@@ -33,7 +34,7 @@ def transformer_config(
         if recompute_activations
         else {}
     )
-    return TransformerConfig(
+    config = TransformerConfig(
         **recompute,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -70,6 +71,9 @@ def transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
+    for name, value in yarn_config_attributes(model).items():  # not dataclass fields: Megatron reads them by name
+        setattr(config, name, value)
+    return config
 
 
 def build_gpt_model(
@@ -111,7 +115,7 @@ def build_gpt_model(
         model.layer_is_lucid(), transformer_engine=transformer_engine, lucid_eps=model.lucid_eps,
         backend=attention_backend, cp_sub_chunks=parallel.cp_sub_chunks,
     )
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=model.padded_vocab_size,
@@ -120,7 +124,7 @@ def build_gpt_model(
         post_process=True,
         parallel_output=True,
         share_embeddings_and_output_weights=model.tie_embeddings,
-        position_embedding_type="rope" if model.position_embedding == "rope" else "none",
-        rotary_base=model.rotary_base,
-        rotary_percent=1.0,
+        **gpt_model_rope_args(model),
     )
+    apply_llama3_frequencies(gpt, model)
+    return gpt

@@ -2,9 +2,9 @@
 
 Megatron-core's model code is device-agnostic except for a handful of calls into ``torch.cuda``.
 On a machine where CUDA is unavailable each of those calls can only raise (or, for the lazy
-seeding call, silently do nothing), so redirecting them to the CPU (patches 1-4) changes no behaviour
-that worked before.  DeepSpeed's CPU accelerator would compile a C++ op that training never uses in
-every process that starts an engine; patch 5 marks it unavailable (the CUDA accelerator has no such op,
+seeding call, silently do nothing), so redirecting them to the CPU (patches 1-4, and 6: a function whose
+only CUDA part is how it builds an index) changes no behaviour that worked before.  DeepSpeed's CPU
+accelerator would compile a C++ op that training never uses in every process that starts an engine; patch 5 marks it unavailable (the CUDA accelerator has no such op,
 so there is nothing to skip on a GPU machine).  :func:`apply_cpu_shim` installs the patches once, and
 only when ``torch.cuda.is_available()`` is False; on a GPU machine it does nothing.  Patch 5 needs
 DeepSpeed imported, so only callers about to start an engine ask for it (``deepspeed=True``): model
@@ -28,6 +28,13 @@ def _cpu_get_rng_state(device=None, clone=False, graph_safe=False):
 
 def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
+
+
+def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    """Chunks ``rank`` and ``2 * size - 1 - rank`` of ``2 * size`` along ``seq_dim`` (Megatron's zigzag split)."""
+    size, rank = cp_group.size(), cp_group.rank()
+    chunks = pos_emb.chunk(2 * size, dim=seq_dim)
+    return torch.cat([chunks[rank], chunks[2 * size - 1 - rank]], dim=seq_dim)
 
 
 def _patch_megatron_core() -> None:
@@ -55,6 +62,15 @@ def _patch_megatron_core() -> None:
     # 4. dist_checkpointing's async writer calls torch.cuda.synchronize() around writes; there is
     #    no device stream to wait for on CPU.
     torch.cuda.synchronize = lambda device=None: None
+
+    # 6. get_pos_emb_on_this_cp_rank (a RoPE table cut to this CP rank's two zigzag chunks) builds its
+    #    chunk index in pinned memory and copies it to the GPU; YaRN's embedding calls it when built,
+    #    for its cos/sin cache.  The same two chunks, taken without the index (every module that imported
+    #    the function by name gets this one).
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding
+
+    for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
+        module.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
 
 
 def _patch_deepspeed() -> None:

@@ -235,3 +235,72 @@ def test_steps_to_reach_is_the_first_logged_step_below():
     curve = [(0, 0.5), (10, 0.2), (20, 0.05), (30, 0.2), (40, 0.001)]
     assert toy.steps_to_reach(curve, 0.1) == 20 and toy.steps_to_reach(curve, 0.01) == 40
     assert toy.steps_to_reach(curve, 1e-4) is None
+
+
+CONTEXT_EXTENSION = Path(__file__).resolve().parents[2] / "configs" / "context-extension" / "recipe.yaml"
+
+
+def test_context_extension_recipe_configs_are_the_recipe_the_docs_state():
+    """configs/context-extension: every (attention, variant) config loads; the continuation is 4x the short
+    length, starts from a model of the same shapes, and each variant changes RoPE as documented."""
+    from lucid_megatron.experiment.extension import SHORT, load_recipe
+
+    recipe = load_recipe(CONTEXT_EXTENSION)  # loads and cross-checks every config
+    assert set(recipe.attention) == {"lucid", "softmax"} and list(recipe.variants) == ["unchanged", "larger-base",
+                                                                                        "yarn"]
+    short = recipe.config("lucid", SHORT, 0)
+    assert short.model.rope_scaling.type == "none" and short.model.rotary_base == 10000
+    configs = {v: recipe.config("softmax", v, 0) for v in recipe.variants}
+    length = short.train.seq_length
+    for variant, cfg in configs.items():
+        assert cfg.train.seq_length == 4 * length and cfg.model.lucid_layers == "none"
+        assert cfg.data.synth.task.max_len == 4 * length and cfg.model.max_seq_len >= max(recipe.eval.niah_lengths)
+    assert configs["unchanged"].model.rope_scaling == short.model.rope_scaling
+    assert configs["unchanged"].model.rotary_base == short.model.rotary_base
+    assert configs["larger-base"].model.rope_scaling.type == "none"
+    d = short.model.kv_channels  # the NTK-aware base for a 4x extension: 10000 * 4^(d / (d - 2)), rounded
+    assert configs["larger-base"].model.rotary_base == pytest.approx(10000 * 4 ** (d / (d - 2)), rel=0.01)
+    yarn = configs["yarn"].model
+    assert (yarn.rotary_base, yarn.rope_scaling.type) == (10000, "yarn")
+    assert yarn.rope_scaling.original_max_position_embeddings == length
+    assert yarn.rope_scaling.factor * length == configs["yarn"].train.seq_length
+    assert recipe.eval.niah_lengths == [length, 2 * length, 4 * length, 8 * length]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"variants": {"short": []}}, "variants: 'short' names the model before extension"),
+    ({"variants": {"longer": ["train.seq_length=64"]}}, "softmax/longer: train.seq_length 64 is not longer than"),
+    ({"variants": {"wider": ["model.hidden_size=128"]}}, "lucid/wider: model.hidden_size differs from the short"),
+    ({"variants": {"bad": ["model.rope_scaling={type: yarn, factor: 4}"]}},
+     "lucid/bad: model.rope_scaling.original_max_position_embeddings: required for type 'yarn'"),
+    ({"eval": {"niah_lengths": [128], "ppl_docs": [512, 128]}}, "eval.ppl_docs: must be \\[min, max\\]"),
+])
+def test_context_extension_recipe_errors_name_the_problem(tmp_path, change, message):
+    import yaml
+
+    from lucid_megatron.config import ConfigError
+    from lucid_megatron.experiment.extension import load_recipe
+
+    spec = yaml.safe_load(CONTEXT_EXTENSION.read_text())
+    spec.update(short=str(CONTEXT_EXTENSION.parent / spec["short"]), extend=str(CONTEXT_EXTENSION.parent / spec["extend"]))
+    if "variants" in change and "longer" in change["variants"]:
+        spec["attention"] = {"softmax": ["model.lucid_layers=none"]}
+    spec.update(change)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(path)
+
+
+def test_long_context_presets_extend_the_2k_run_with_yarn():
+    """configs/1b-64k*.yaml and 1b-128k.yaml state the recipe's choice: YaRN over 1b-2k's trained length."""
+    from lucid_megatron.config.train import load_train_config
+
+    configs = CONTEXT_EXTENSION.parents[1]
+    trained = load_train_config(configs / "1b-2k.yaml").train.seq_length
+    for name in ("1b-64k", "1b-64k-mix", "1b-128k"):
+        cfg = load_train_config(configs / f"{name}.yaml")
+        scaling = cfg.model.rope_scaling
+        assert (scaling.type, scaling.original_max_position_embeddings) == ("yarn", trained), name
+        assert scaling.factor * trained == cfg.train.seq_length == cfg.model.max_seq_len, name
+        assert "RoPE: YaRN" in (configs / f"{name}.yaml").read_text()

@@ -63,3 +63,30 @@ def test_shim_is_not_applied_when_cuda_is_available():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "untouched" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_rope_table_split_for_context_parallelism_on_cpu(size):
+    """Patch 6: each CP rank gets chunks rank and 2*size-1-rank of the table (the zigzag split), in that order."""
+    from megatron.core.models.common.embeddings import rope_utils, yarn_rotary_pos_embedding
+
+    apply_cpu_shim()
+    table = torch.arange(8 * size * 3, dtype=torch.float32).reshape(8 * size, 1, 1, 3)
+
+    class Group:  # what the function asks of a process group: its size and this rank
+        def __init__(self, rank):
+            self._rank = rank
+
+        def size(self):
+            return size
+
+        def rank(self):
+            return self._rank
+
+    chunk = 4  # 8 * size rows in 2 * size chunks
+    for rank in range(size):
+        got = rope_utils.get_pos_emb_on_this_cp_rank(table, 0, Group(rank))
+        mirror = 2 * size - 1 - rank
+        want = torch.cat([table[rank * chunk : (rank + 1) * chunk], table[mirror * chunk : (mirror + 1) * chunk]])
+        assert torch.equal(got, want)
+    assert yarn_rotary_pos_embedding.get_pos_emb_on_this_cp_rank is rope_utils.get_pos_emb_on_this_cp_rank

@@ -1,5 +1,6 @@
-"""The LUCID GPT with context parallelism (2 ranks) equals CP=1: loss and every gradient, with RoPE,
-GQA, packed documents whose lengths are not powers of two (padded per document for the zigzag split)."""
+"""The LUCID GPT with context parallelism (2 ranks) equals CP=1: loss and every gradient, with RoPE (YaRN-scaled
+over 16 tokens, so its frequency ramp and its attention factor on cos/sin cross the split as well), GQA, packed
+documents whose lengths are not powers of two (padded per document for the zigzag split)."""
 
 import pytest
 from lucid_megatron.numerics import relative_error
@@ -9,7 +10,9 @@ from tests.distributed import run_on_ranks
 from .cp_workers import cp_model_rank
 
 DOCS = [37, 50, 13, 29]
-MIXED = dict(num_layers=2, lucid_layers=[2])  # a softmax and a LUCID layer; tiny has 4 heads, 2 KV heads
+# a softmax and a LUCID layer (tiny has 4 heads, 2 KV heads); documents beyond YaRN's original length
+MIXED = dict(num_layers=2, lucid_layers=[2],
+             rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
 
 
 @pytest.fixture(scope="module")
