@@ -85,6 +85,12 @@ class RopeScaling:
         if self.type == "yarn" and not 0 < self.beta_slow < self.beta_fast:
             raise ConfigError(f"beta_slow: must be > 0 and below beta_fast ({self.beta_fast}), got {self.beta_slow}")
 
+    def __repr__(self) -> str:  # the fields that differ from the defaults: messages stay one readable line
+        default = RopeScaling()
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if f.name == "type" or getattr(self, f.name) != getattr(default, f.name)]
+        return f"RopeScaling({', '.join(changed)})"
+
     @property
     def yarn_attention_factor(self) -> float:
         """What YaRN multiplies cos and sin by (so attention logits by its square)."""

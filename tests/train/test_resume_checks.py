@@ -70,6 +70,9 @@ def _refusal(trained, overrides=(), allow_change=()) -> str:
     ("model.lucid_layers=every:2", "model.lucid_layers: checkpoint 'all', config 'every:2'"),
     ("model.position_embedding=none", "model.position_embedding: checkpoint 'rope', config 'none'"),
     ("model.rotary_base=500000.0", "model.rotary_base: checkpoint 10000.0, config 500000.0"),
+    ("model.rope_scaling={type: yarn, factor: 4.0, original_max_position_embeddings: 64}",
+     "model.rope_scaling: checkpoint RopeScaling(type='none'), config RopeScaling(type='yarn', factor=4.0, "
+     "original_max_position_embeddings=64)"),
     ("model.norm_eps=1.0e-6", "model.norm_eps: checkpoint 1e-05, config 1e-06"),
     ("model.lucid_eps=1.0e-5", "model.lucid_eps: checkpoint 1e-06, config 1e-05"),
     ("model.vocab_size=300", "model.vocab_size: checkpoint 259, config 300"),  # the same padded size: no shape
