@@ -14,6 +14,7 @@ import threading
 import psutil
 
 from .commands import torchrun_command
+from .lifetime import die_with_parent
 from .process import threads_per_process
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -30,7 +31,9 @@ def run_torchrun(nproc_per_node: int, arguments: list[str], *, stop_grace_s: flo
     command = torchrun_command(nproc_per_node, arguments)
     # Each worker gets its share of the cores (torchrun would set 1, with a warning, when this is unset).
     threads = threads_per_process(nproc_per_node)
-    proc = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    # SIGTERM to torchrun if this process dies without forwarding (SIGKILL): no orphaned workers (lifetime.py).
+    proc = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+                            preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     deadline: list[threading.Timer] = []
 
     def kill_tree():

@@ -134,6 +134,12 @@ def run(args) -> int:
         return _fail(f"invalid config: {err}")
     run_dir = Path(args.run_dir or default_run_dir(args.config))
     under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    if under_torchrun:  # a worker dies with its torchrun, however torchrun dies (runtime/lifetime.py)
+        from lucid_megatron.runtime.lifetime import die_with_parent, exit_if_orphaned
+
+        parent = os.getppid()
+        die_with_parent()
+        exit_if_orphaned(parent)
     nproc = cfg.launch.nproc_per_node if args.nproc_per_node is None else args.nproc_per_node
     if nproc < 1:
         return _fail(f"--nproc-per-node: must be >= 1, got {nproc}")

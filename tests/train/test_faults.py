@@ -268,6 +268,36 @@ def test_a_worker_stuck_after_sigterm_is_killed_after_the_grace_period(config, t
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
 
+@pytest.mark.parametrize("victim", ["lucid train", "torchrun"])
+def test_killing_the_launcher_leaves_no_worker_behind_and_frees_the_run(config, tmp_path, victim):
+    """SIGKILL of `lucid train` itself, outside SLURM: torchrun gets SIGTERM (its parent-death signal), its
+    workers save a checkpoint and stop. SIGKILL of torchrun: its workers get SIGKILL (theirs). Either way
+    nothing outlives the launcher and the run directory's lock is free."""
+    from lucid_megatron.train.run_lock import check_free
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=["train.steps=400"]), env=train_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_step(run_dir, 1, proc)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        torchrun = [p for p in tree if "torch.distributed.run" in " ".join(p.cmdline())]
+        assert len(torchrun) == 1 and len(tree) == 3  # torchrun and its two workers
+        (proc if victim == "lucid train" else torchrun[0]).kill()  # nothing can be forwarded now
+        proc.communicate(timeout=120)
+        gone, alive = psutil.wait_procs(tree, timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
+    check_free(run_dir)  # raises RunDirBusy while any process holds the lock
+    state = json.loads((run_dir / "status.json").read_text())["state"]
+    if victim == "lucid train":  # saved on torchrun's SIGTERM: nothing lost
+        assert state == "preempted" and (run_dir / "checkpoints" / "latest").exists()
+    else:  # killed mid-step, as a node loss would: the run did not go on to finish
+        assert state == "running", state
+
+
 def test_a_collective_timeout_names_the_rank_and_the_phase():
     messages = run_on_ranks(_miss_a_collective, 2, timeout=120)
     assert "rank 0: validation after step 7: a collective did not complete within 3 s" in messages[0]
