@@ -60,8 +60,9 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             # cred_expire (default 120 s) is also how long slurmctld holds a requeued job before it may start
-            # again (sooner, slurmd refuses the launch: "Job credential revoked"); 20 s is ample for a local step.
-            f"AuthInfo=socket={r / 'munge' / 'munge.socket'},cred_expire=20",
+            # again (sooner, slurmd refuses the launch: "Job credential revoked"). slurmd checks a launch
+            # credential moments after slurmctld makes it, so 10 s is ample for a local step (Slurm's minimum: 5).
+            f"AuthInfo=socket={r / 'munge' / 'munge.socket'},cred_expire=10",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}/%n",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}",
@@ -73,6 +74,11 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/backfill",
+            # No event wakes the scheduler when a requeued job's hold (above) ends: it waited for the next periodic
+            # pass (sched_interval, 60 s by default) or a node ping (every SlurmdTimeout / 3) that makes the
+            # backfill pass run, i.e. 20-40 s after the requeue; with passes every second the job starts after
+            # cred_expire + 1 s. A submitted job waited sched_min_interval (2 s by default; in microseconds).
+            "SchedulerParameters=sched_interval=1,bf_interval=1,sched_min_interval=200000",
             "MailProg=/bin/true",
             "ReturnToService=2",
             "JobRequeue=1",
@@ -114,16 +120,25 @@ class SlurmCluster:
         raise RuntimeError(f"SLURM did not come up: {out.stdout} {out.stderr}; logs in {r / 'log'}")
 
     def stop(self) -> None:
+        """SIGTERM to every daemon at once (each takes about 2 s to exit), SIGKILL to any left after 5 s."""
+        pids = []
         for pid_file in reversed(self.pids):
             try:
                 pid = int(pid_file.read_text().split()[0])
                 os.kill(pid, signal.SIGTERM)
-                for _ in range(50):
-                    os.kill(pid, 0)
-                    time.sleep(0.1)
-                os.kill(pid, signal.SIGKILL)
+                pids.append(pid)
             except (FileNotFoundError, ProcessLookupError, ValueError):
                 pass
+        deadline = time.monotonic() + 5
+        while pids:
+            for pid in list(pids):
+                try:
+                    os.kill(pid, 0 if time.monotonic() < deadline else signal.SIGKILL)
+                except ProcessLookupError:
+                    pids.remove(pid)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
         self.pids.clear()
 
     def job_state(self, job_id: str) -> str:

@@ -51,20 +51,22 @@ def _launch(cluster, run_dir, *args, overrides=()):
     return result.stdout.split()[2].rstrip(":")
 
 
+# Every job that trains for real runs this many steps: one direct run is the reference for all of them. Enough that
+# the warning signal (after step 3) finds the requeue test's run training.
+STEPS = 20
+
+
 @pytest.fixture(scope="module")
 def direct(overrides, tmp_path_factory):
-    """``direct(steps)``: the records of the same config through torchrun directly (lucid train --nproc-per-node
-    2), trained once per step count and shared by the jobs compared with it."""
-    done = {}
-
-    def records(steps: int) -> dict:
-        if steps not in done:
-            run_dir = tmp_path_factory.mktemp(f"direct-{steps}") / "run"
-            run_train(Path(CONFIG), run_dir, nproc=2, overrides=overrides + [f"train.steps={steps}"])
-            done[steps] = train_records(run_dir)
-        return done[steps]
-
-    return records
+    """The records of the same config through torchrun directly (lucid train --nproc-per-node 2, STEPS steps),
+    trained once and shared by the jobs compared with it. Only its training records are read, so it leaves out
+    final_eval (which runs after the last step and changes none of them)."""
+    root = tmp_path_factory.mktemp("direct")
+    config = yaml.safe_load(Path(CONFIG).read_text())
+    del config["final_eval"]
+    (root / "demo.yaml").write_text(yaml.safe_dump(config))
+    run_train(root / "demo.yaml", root / "run", nproc=2, overrides=overrides + [f"train.steps={STEPS}"])
+    return train_records(root / "run")
 
 
 def _node_log(run_dir) -> str:
@@ -81,13 +83,14 @@ def _job_logs(run_dir) -> str:
 def test_job_matches_direct_torchrun(cluster, overrides, direct, tmp_path, nodes, nproc):
     run_dir = tmp_path / "slurm-run"
     job = _launch(cluster, run_dir, "--nodes", str(nodes), "--nproc-per-node", str(nproc),
-                  overrides=overrides + ["train.steps=4"])
+                  overrides=overrides + [f"train.steps={STEPS}"])
     assert cluster.wait(job) == "COMPLETED", _job_logs(run_dir)
     log = _node_log(run_dir)
     assert "world 2 = DP 2 x CP 1 x TP 1" in log
-    got, want = train_records(run_dir), direct(4)
-    assert [got[s]["loss"] for s in range(1, 5)] == [want[s]["loss"] for s in range(1, 5)]
-    assert f"step 4/4 [########################]  loss {want[4]['loss']:.4f}" in log
+    got, want = train_records(run_dir), direct
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    assert [got[s]["loss"] for s in want] == [want[s]["loss"] for s in want]
+    assert f"step {STEPS}/{STEPS} [########################]  loss {want[STEPS]['loss']:.4f}" in log
     if nodes == 2:
         assert (run_dir / "slurm" / f"lucid-demo-{job}-node1.log").exists()  # per-node logs
 
@@ -96,7 +99,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(cluster, overrides, dir
     run_dir = tmp_path / "slurm-run"
     # Enough steps that the signal (after step 3) finds the run training; should it come during final_eval
     # instead, that too is a preemption the requeued job resumes (it evaluates), and everything below holds.
-    steps = ["train.steps=20"]
+    steps = [f"train.steps={STEPS}"]
     job = _launch(cluster, run_dir, "--nodes", "1", "--nproc-per-node", "2", overrides=overrides + steps)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -113,9 +116,9 @@ def test_warning_signal_checkpoints_requeues_and_resumes(cluster, overrides, dir
     assert "received SIGUSR1" in _node_log(run_dir)
     show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=cluster.env).stdout
     assert "Restarts=1" in show
-    got, want = train_records(run_dir), direct(20)
-    assert sorted(got) == list(range(1, 21))
-    assert got[20]["loss"] == want[20]["loss"]
+    got, want = train_records(run_dir), direct
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got[STEPS]["loss"] == want[STEPS]["loss"]
     assert (run_dir / "eval" / "niah.json").exists()
 
 

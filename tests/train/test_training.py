@@ -43,8 +43,9 @@ def _assert_close(a, b, tol):
 
 
 # Every layout run below has the same schedule, and saves at step 4: the equivalence tests compare their curves
-# and the resharding tests resume their step-4 checkpoints at other layouts, so each run is made once.
-LAYOUT_RUN = ["train.steps=6", "checkpoint.interval=4", "logging.progress=true"]
+# and the resharding tests resume their step-4 checkpoints at other layouts, so each run is made once. Each also
+# validates every 2 steps (the TensorBoard test reads one; validation changes no training loss, bit for bit).
+LAYOUT_RUN = ["train.steps=6", "checkpoint.interval=4", "logging.progress=true", "logging.eval_interval=2"]
 LAYOUTS = {"dp1": (1, []), "dp2": (2, []), "tp2": (2, ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"])}
 
 
@@ -121,38 +122,38 @@ def test_context_parallel_4_as_2x2_a2a_p2p_matches_the_reference_curve(config, r
 
 
 @pytest.fixture(scope="module")
-def ten_steps(config, tmp_path_factory):
-    """Uninterrupted 10-step DP=2 ZeRO-1 run."""
-    run_dir = tmp_path_factory.mktemp("ten") / "run"
-    run_train(config, run_dir, nproc=2, overrides=["train.steps=10", "train.zero_stage=1"])
-    return run_dir
+def uninterrupted(layout_run):
+    """The uninterrupted DP=2 ZeRO-1 run the stopped runs below must continue exactly: the layout run of the
+    equivalence tests (its checkpoints and progress lines change no loss)."""
+    return layout_run("dp2", 1)[0]
 
 
-def test_resume_is_bit_exact(config, ten_steps, tmp_path):
-    """Stopped at step 5 with a checkpoint written in the background (the run waits for it before exiting), then
+RESUMED = ["train.steps=6", "train.zero_stage=1"]  # LAYOUT_RUN's schedule, at the uninterrupted run's layout
+
+
+def test_resume_is_bit_exact(config, uninterrupted, tmp_path):
+    """Stopped at step 3 with a checkpoint written in the background (the run waits for it before exiting), then
     resumed: the uninterrupted run's losses, bit for bit."""
     run_dir = tmp_path / "run"
-    common = ["train.steps=10", "train.zero_stage=1"]
-    stopped = run_train(config, run_dir, nproc=2, overrides=common + ["train.stop_at_step=5", "checkpoint.async_save=true"])
-    assert "step 5: writing step_00000005 in the background" in stopped.stdout
-    assert re.search(r"step 5: waited \d+\.\d+ s for step_00000005 to be written before exiting", stopped.stdout)
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000005"
+    stopped = run_train(config, run_dir, nproc=2, overrides=RESUMED + ["train.stop_at_step=3", "checkpoint.async_save=true"])
+    assert "step 3: writing step_00000003 in the background" in stopped.stdout
+    assert re.search(r"step 3: waited \d+\.\d+ s for step_00000003 to be written before exiting", stopped.stdout)
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
     assert not list((run_dir / "checkpoints").glob("*.partial"))
-    assert max(train_records(run_dir)) == 5
-    run_train(config, run_dir, nproc=2, overrides=common, resume="auto")
-    want, got = train_records(ten_steps), train_records(run_dir)
-    assert sorted(got) == list(range(1, 11))
-    assert [got[s]["loss"] for s in range(6, 11)] == [want[s]["loss"] for s in range(6, 11)]  # bit-identical
-    assert [got[s]["data_digest"] for s in range(1, 11)] == [want[s]["data_digest"] for s in range(1, 11)]
+    assert max(train_records(run_dir)) == 3
+    run_train(config, run_dir, nproc=2, overrides=RESUMED, resume="auto")
+    want, got = train_records(uninterrupted), train_records(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    assert [got[s]["loss"] for s in range(4, 7)] == [want[s]["loss"] for s in range(4, 7)]  # bit-identical
+    assert [got[s]["data_digest"] for s in range(1, 7)] == [want[s]["data_digest"] for s in range(1, 7)]
 
 
-def test_sigterm_saves_and_resumes_exactly(config, ten_steps, tmp_path):
+def test_sigterm_saves_and_resumes_exactly(config, uninterrupted, tmp_path):
     """SIGTERM while checkpoints are written in the background after every step: the run saves its last step,
     waits for every write, exits 0, and resumes exactly."""
     run_dir = tmp_path / "run"
-    common = ["train.steps=10", "train.zero_stage=1"]
     background = ["checkpoint.async_save=true", "checkpoint.interval=1"]
-    proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=common + background), env=train_env(),
+    proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=RESUMED + background), env=train_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -164,13 +165,13 @@ def test_sigterm_saves_and_resumes_exactly(config, ten_steps, tmp_path):
     assert proc.returncode == 0, out
     assert "received SIGTERM" in out
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
-    assert 2 <= stopped_at < 10
+    assert 2 <= stopped_at < 6
     assert "waited" in out and not list((run_dir / "checkpoints").glob("*.partial"))
     assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").exists()
-    run_train(config, run_dir, nproc=2, overrides=common, resume="auto")
-    want, got = train_records(ten_steps), train_records(run_dir)
-    assert [got[s]["loss"] for s in range(1, 11)] == [want[s]["loss"] for s in range(1, 11)]
-    assert [got[s]["data_digest"] for s in range(1, 11)] == [want[s]["data_digest"] for s in range(1, 11)]
+    run_train(config, run_dir, nproc=2, overrides=RESUMED, resume="auto")
+    want, got = train_records(uninterrupted), train_records(run_dir)
+    assert [got[s]["loss"] for s in range(1, 7)] == [want[s]["loss"] for s in range(1, 7)]
+    assert [got[s]["data_digest"] for s in range(1, 7)] == [want[s]["data_digest"] for s in range(1, 7)]
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
@@ -258,11 +259,10 @@ def test_resharded_resume_continues_with_the_adam_state(config, layout_run, torc
 # ---- logging, faults, validation --------------------------------------------------------------
 
 
-def test_tensorboard_events_hold_the_scalars(config, tmp_path):
+def test_tensorboard_events_hold_the_scalars(layout_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = tmp_path / "run"
-    run_train(config, run_dir, nproc=2, overrides=["train.steps=4", "logging.eval_interval=2", "train.zero_stage=2"])
+    run_dir, _ = layout_run("dp2", 2)  # DP=2, ZeRO-2, 6 steps, validation every 2 steps
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -272,7 +272,7 @@ def test_tensorboard_events_hold_the_scalars(config, tmp_path):
     assert expected <= tags, expected - tags
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == pytest.approx(_losses(run_dir), rel=1e-6)  # TensorBoard stores float32
-    assert [e.step for e in events.Scalars("valid/loss")] == [2, 4]
+    assert [e.step for e in events.Scalars("valid/loss")] == [2, 4, 6]
     assert events.Scalars("layout/zero_stage")[0].value == 2
     assert events.Scalars("layout/data_parallel")[0].value == 2
 
