@@ -237,17 +237,27 @@ class LucidModel(LucidPreTrainedModel):
         self.norm = LucidRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
+    def _rope_frequencies(self, device):
+        """RoPE's inverse frequencies on ``device`` and the factor on cos/sin, computed once per device (not at every
+        decode step)."""
+        cached = getattr(self, "_rope_cache", None)
+        if cached is None or cached[0].device != torch.device(device):
+            params = self.config.rope_parameters
+            if params.get("rope_type", "default") == "default":
+                d = self.config.head_dim
+                exponents = torch.arange(0, d, 2, device=device).float() / d
+                cached = 1.0 / (params["rope_theta"] ** exponents), 1.0
+            else:  # scaled RoPE: transformers' own initialisers (the ones its Llama uses), from rope_parameters
+                inv_freq, factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](self.config, device)
+                cached = inv_freq.to(device), factor
+            self._rope_cache = cached
+        return cached
+
     def _rope(self, position_ids, dtype):
         if self.config.position_embedding != "rope":
             return None
-        params = self.config.rope_parameters
-        if params.get("rope_type", "default") == "default":
-            d = self.config.head_dim
-            exponents = torch.arange(0, d, 2, device=position_ids.device).float() / d
-            inv_freq, attention_factor = 1.0 / (params["rope_theta"] ** exponents), 1.0
-        else:  # scaled RoPE: transformers' own initialisers (the ones its Llama uses), from rope_parameters
-            inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](self.config, position_ids.device)
-        angles = position_ids.float()[..., None] * inv_freq.to(position_ids.device)
+        inv_freq, attention_factor = self._rope_frequencies(position_ids.device)
+        angles = position_ids.float()[..., None] * inv_freq
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos() * attention_factor, angles.sin() * attention_factor
 
