@@ -180,6 +180,9 @@ class TrainSection:
     stop_at_step: int | None = None
     # A collective that waits longer than this fails, naming the rank and the phase (a hang becomes an error).
     collective_timeout_s: float = 600.0
+    # A rank that has not moved to its next phase (data, step, save, ...) for this long writes its Python stacks
+    # and its phase to its log and exits non-zero, so the job restarts (train/progress.py); null: no watchdog.
+    hang_timeout_s: float | None = 1800.0
     # Start on a DeepSpeed version the checkpoint code was not checked against (runtime/deepspeed_adapter.py).
     allow_untested_deepspeed: bool = False
 
@@ -190,6 +193,8 @@ class TrainSection:
             raise ConfigError(BF16_NEEDS_ZERO)
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"collective_timeout_s: must be > 0, got {self.collective_timeout_s}")
+        if self.hang_timeout_s is not None and not self.hang_timeout_s > 0:
+            raise ConfigError(f"hang_timeout_s: must be > 0 or null (no watchdog), got {self.hang_timeout_s}")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(f"stop_at_step: must be >= 1 or null, got {self.stop_at_step}")
         for name in ("steps", "global_batch_size", "seq_length", "micro_batch_size", "max_nonfinite_steps"):
@@ -228,12 +233,17 @@ class LoggingConfig:
     eval_interval: int = 0  # steps between validation passes (0: only at the end)
     tensorboard: bool = True
     progress: bool = True
+    # Every interval each rank's step time is gathered (train/step_times.py); a rank whose own work (its time
+    # less what it waited for the others) exceeds this many times the median is named, with its host.
+    straggler_factor: float = 1.5
 
     def validate(self) -> None:
         if self.interval < 1 or self.eval_interval < 0:
             raise ConfigError(
                 f"interval must be >= 1 and eval_interval >= 0; got {self.interval}, {self.eval_interval}"
             )
+        if not self.straggler_factor > 1:
+            raise ConfigError(f"straggler_factor: must be > 1 (a multiple of the median), got {self.straggler_factor}")
 
 
 @dataclasses.dataclass
@@ -242,12 +252,25 @@ class LaunchConfig:
     # After forwarding SIGTERM to its workers, `lucid train` waits this long for them to save and exit,
     # then kills them (SIGKILL) and says so: a stuck worker cannot keep the job alive.
     stop_grace_s: float = 300.0
+    # After a failure that is not a preemption (a worker crashed or hung), start the job again from its newest
+    # checkpoint, at most this many times per launch (train/restarts.py); 0: never.
+    max_restarts: int = 3
+    # The same step failing this many times in a row is deterministic: stop instead of restarting.
+    max_same_step_failures: int = 2
+    # Seconds to wait before a restart (doubling after each one, at most 8x).
+    restart_backoff_s: float = 10.0
 
     def validate(self) -> None:
         if self.nproc_per_node < 1:
             raise ConfigError(f"nproc_per_node: must be >= 1, got {self.nproc_per_node}")
         if not self.stop_grace_s > 0:
             raise ConfigError(f"stop_grace_s: must be > 0, got {self.stop_grace_s}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"max_restarts: must be >= 0, got {self.max_restarts}")
+        if self.max_same_step_failures < 1:
+            raise ConfigError(f"max_same_step_failures: must be >= 1, got {self.max_same_step_failures}")
+        if not self.restart_backoff_s >= 0:
+            raise ConfigError(f"restart_backoff_s: must be >= 0, got {self.restart_backoff_s}")
 
 
 @dataclasses.dataclass

@@ -27,9 +27,10 @@ def process_command(arguments: Sequence[str]) -> list[str]:
 
 
 def torchrun_command(nproc_per_node: int, arguments: Sequence[str]) -> list[str]:
-    """``torchrun --standalone --nproc-per-node N -m lucid_megatron ARGUMENTS`` with this interpreter."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-            "-m", "lucid_megatron", *map(str, arguments)]
+    """``torchrun --standalone --nproc-per-node N -m lucid_megatron ARGUMENTS`` with this interpreter (through
+    runtime/elastic_agent.py, which records a failed worker's rank and exit code for the restart supervisor)."""
+    return [sys.executable, "-m", "lucid_megatron.runtime.elastic_agent", "--standalone",
+            f"--nproc-per-node={nproc_per_node}", "-m", "lucid_megatron", *map(str, arguments)]
 
 
 def shell_text(arguments: Sequence[str]) -> str:

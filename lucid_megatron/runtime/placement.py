@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,9 @@ class Runtime:
     sequence_parallel: bool = False
     collective_timeout_s: float = 600.0
     cp_comm_type: CpCommType = "p2p"  # the context-parallel algorithm every micro-batch's plan names
+    # Called around every all-reduce to time it (the trainer's step times, train/step_times.py); None: untimed.
+    collective_clock: Callable[[], contextlib.AbstractContextManager] | None = dataclasses.field(default=None,
+                                                                                                 compare=False)
 
     @property
     def world_size(self) -> int:
@@ -105,7 +108,8 @@ class Runtime:
             raise RuntimeError(
                 f"a collective got a tensor on {values.device}; this process communicates on {self.device}"
             )
-        dist.all_reduce(values, op=op, group=group)
+        with self.collective_clock() if self.collective_clock is not None else contextlib.nullcontext():
+            dist.all_reduce(values, op=op, group=group)
         return values
 
     def sum_over_data_parallel(self, values: torch.Tensor, *, with_context_parallel: bool = True) -> torch.Tensor:

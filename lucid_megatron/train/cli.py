@@ -174,9 +174,16 @@ def run(args) -> int:
             print(f"lucid train: stopped: {err}", file=sys.stderr, flush=True)
             return 1
 
+    from lucid_megatron.train.restarts import RestartPolicy, supervise
     from lucid_megatron.runtime.commands import train_command
     from lucid_megatron.runtime.torchrun import run_torchrun
 
-    command = train_command(args.config, run_dir, overrides=args.overrides, resume=args.resume,
-                            allow_change=args.allow_change)
-    return run_torchrun(nproc, command, stop_grace_s=cfg.launch.stop_grace_s)
+    def attempt(restarted: bool) -> int:
+        # A restart resumes the newest checkpoint of this run (the first attempt's --resume PATH, until there is one).
+        resume = "auto" if restarted and _checkpoint_to_resume(run_dir, "auto") else args.resume
+        command = train_command(args.config, run_dir, overrides=args.overrides, resume=resume,
+                                allow_change=args.allow_change)
+        return run_torchrun(nproc, command, stop_grace_s=cfg.launch.stop_grace_s)
+
+    return supervise(run_dir, attempt, RestartPolicy.of(cfg.launch),
+                     say=lambda text: print(text, file=sys.stderr, flush=True))

@@ -13,9 +13,10 @@ made on that device by the runtime.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,10 @@ class StepResult:
     nonfinite_micro_batches: int
 
 
+def _untimed(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def micro_batch_loss_sum(model, micro_batch: PlacedMicroBatch) -> torch.Tensor:
     """Sum over the micro-batch of per-token cross-entropy x loss weight (float32 scalar on the device)."""
     per_token = model(
@@ -44,34 +49,39 @@ def micro_batch_loss_sum(model, micro_batch: PlacedMicroBatch) -> torch.Tensor:
     return (per_token.float() * micro_batch.loss_weight).sum()
 
 
-def train_step(engine, runtime: Runtime, micro_batches: list[PlacedMicroBatch], lr: float) -> StepResult:
+def train_step(engine, runtime: Runtime, micro_batches: list[PlacedMicroBatch], lr: float,
+               section: Callable[[str], contextlib.AbstractContextManager] = _untimed) -> StepResult:
     """One optimizer step over this rank's (placed) micro-batches of the global batch.
 
     A micro-batch whose loss is non-finite on any rank is dropped (no backward) on every rank;
-    if all of them are, the step is skipped (no optimizer update, no state change).
+    if all of them are, the step is skipped (no optimizer update, no state change).  ``section(name)`` times
+    the ``compute`` and ``optimizer`` parts (train/step_times.py).
     """
-    weights = torch.stack([mb.loss_weight.sum(dtype=torch.float64) for mb in micro_batches]).sum().reshape(1)
-    total_weight = runtime.host(runtime.sum_over_data_parallel(weights.to(runtime.device)))[0]
-    dp_cp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
-    scale = dp_cp / max(total_weight, 1.0)
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=runtime.device)
-    nonfinite = 0
-    for mb in micro_batches:
-        local = micro_batch_loss_sum(engine, mb)
-        if runtime.any_rank(~torch.isfinite(local)):
-            nonfinite += 1  # every rank takes the same branch
-            continue
-        engine.backward(local * scale, scale_wrt_gas=False)
-        loss_sum += local.detach().to(torch.float64)
+    with section("compute"):
+        weights = torch.stack([mb.loss_weight.sum(dtype=torch.float64) for mb in micro_batches]).sum().reshape(1)
+        total_weight = runtime.host(runtime.sum_over_data_parallel(weights.to(runtime.device)))[0]
+        dp_cp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        scale = dp_cp / max(total_weight, 1.0)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=runtime.device)
+        nonfinite = 0
+        for mb in micro_batches:
+            local = micro_batch_loss_sum(engine, mb)
+            if runtime.any_rank(~torch.isfinite(local)):
+                nonfinite += 1  # every rank takes the same branch
+                continue
+            engine.backward(local * scale, scale_wrt_gas=False)
+            loss_sum += local.detach().to(torch.float64)
     skipped = nonfinite == len(micro_batches)
     grad_norm = None
     if not skipped:
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        engine.step()
-        norm = engine.get_global_grad_norm()
-        grad_norm = None if norm is None else float(norm)
-    loss_total = runtime.host(runtime.sum_over_data_parallel(loss_sum))[0]
+        with section("optimizer"):
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            engine.step()
+            norm = engine.get_global_grad_norm()
+            grad_norm = None if norm is None else float(norm)
+    with section("compute"):  # the step's loss: a collective, so that its wait is in a section
+        loss_total = runtime.host(runtime.sum_over_data_parallel(loss_sum))[0]
     loss = float("nan") if nonfinite else loss_total / max(total_weight, 1.0)
     return StepResult(loss, int(total_weight), grad_norm, skipped, nonfinite)
 

@@ -26,6 +26,8 @@ TENSORBOARD_PREFIXES = {
     "share/": "data/share/",
     "long_share/": "data/long_share/",
     "valid_loss/": "valid/loss/",
+    "rank_time/": "perf/rank_time/",  # the slowest rank's own time, the median, the spread (train/step_times.py)
+    "time/": "perf/time/",  # the median rank's step time by section
 }
 
 

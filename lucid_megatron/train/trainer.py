@@ -15,7 +15,9 @@ import dataclasses
 import errno
 import math
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,11 +44,13 @@ from lucid_megatron.checkpoint import (Checkpointer, checkpoint_problem, nonfini
                                        resolve_checkpoint)
 from .engine import StepResult, evaluate, rows_digest, train_step
 from .metrics import MetricsLogger
+from .progress import RankProgress
 from .run_lock import RunDirLock
 from .run_state import DataPositions, DataRecord, LayoutRecord, RunState, TokenizerRecord, TrainProgress
 from . import status
 from .schedule import LRSchedule, gradient_accumulation_steps
 from .signals import PreemptionFlag
+from .step_times import StepTimes, gather_rows, rank_time_report
 from .validate import ResumePlan, check_dataset, check_resume, open_dataset, split_world
 
 
@@ -69,6 +73,14 @@ def _memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return psutil.Process().memory_info().rss / 2**30
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` on one line; for an error re-raised from a DataLoader worker, the original's (its last line)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    qualified = re.match(r"([\w.]+\.)?(\w+(?:Error|Exception)): ", last)  # "pkg.module.ShardError: ..."
+    return (f"{qualified.group(2)}: {last[qualified.end():]}" if qualified else f"{type(err).__name__}: {last}")[:300]
 
 
 @contextlib.contextmanager
@@ -148,20 +160,20 @@ class Trainer:
         self.lock = None
         self.checkpoints: Checkpointer | None = None
         self.last_saved: tuple[int, Path] | None = None
+        self.progress: RankProgress | None = None  # where this rank is: the hang watchdog, the restart records
+        self.step_times: StepTimes | None = None
 
     # ---- composition ---------------------------------------------------------------------------
 
     def setup(self) -> None:
         """Compose the run, one named step each, in the order each needs the one before."""
         self._start_runtime()
-        self._open_dataset()
-        self._find_resume_point()
-        self._check_resume()
-        self._record_config()
-        self._build_engine()
-        self._restore_state()
-        self._open_loader()
-        self._open_metrics()
+        self._start_progress()
+        for part in (self._open_dataset, self._find_resume_point, self._check_resume, self._record_config,
+                     self._build_engine, self._restore_state, self._open_loader, self._open_metrics):
+            self.progress.enter(f"setup: {part.__name__.lstrip('_').replace('_', ' ')}")
+            part()
+        self.progress.enter("setup done", self.start_step)
 
     def _start_runtime(self) -> None:
         """Process groups and device for this world's split; the run directory locked (rank 0)."""
@@ -177,6 +189,17 @@ class Trainer:
             self.preemption = PreemptionFlag()
         if self.runtime.is_first_rank:
             self.lock = RunDirLock(self.run_dir).acquire()  # before anything is written there
+
+    def _start_progress(self) -> None:
+        """This rank's progress record and step times (after rank 0 holds the run's lock: a refused second run
+        must not overwrite the records of the one running), every rank's host (to name a slow one)."""
+        dist.barrier()
+        rank = dist.get_rank()
+        self.progress = RankProgress(self.run_dir, rank, log_path=self.run_dir / "logs" / f"rank_{rank}.log")
+        self.step_times = StepTimes(self.runtime.device)
+        self.runtime = dataclasses.replace(self.runtime, collective_clock=self.step_times.collective)
+        self.hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(self.hosts, socket.gethostname())
 
     def _open_dataset(self) -> None:
         """Rank 0 writes the synthetic dataset when configured and missing; then every rank checks it fits.
@@ -326,13 +349,17 @@ class Trainer:
     # ---- one step each -------------------------------------------------------------------------
 
     def train_step(self, step: int) -> StepResult:
-        cfg, state = self.cfg, self.state
+        cfg, state, times = self.cfg, self.state, self.step_times
         started = time.perf_counter()
-        micro_batches = [next(self.loader) for _ in range(self.grad_accum)]
-        lr = state.lr_schedule.step()
-        result = train_step(self.engine, self.runtime, self.runtime.micro_batches(micro_batches), lr)
-        state.data.advance(micro_batches)
-        digest = rows_digest(self.runtime, micro_batches, cfg.train.seq_length)
+        with times.step():
+            with times.section("data_wait"):
+                micro_batches = [next(self.loader) for _ in range(self.grad_accum)]
+                placed = self.runtime.micro_batches(micro_batches)
+            lr = state.lr_schedule.step()
+            result = train_step(self.engine, self.runtime, placed, lr, times.section)
+            with times.section("data_wait"):
+                state.data.advance(micro_batches)
+                digest = rows_digest(self.runtime, micro_batches, cfg.train.seq_length)
         elapsed = time.perf_counter() - started
 
         state.progress.record(step, nonfinite=bool(result.nonfinite_micro_batches))
@@ -348,7 +375,7 @@ class Trainer:
                 "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / elapsed,
                 "step_time_s": elapsed, "memory_gib": _memory_gib(self.runtime.device),
                 "nonfinite_steps": state.progress.nonfinite_steps, "skipped": result.skipped, "data_digest": digest,
-                **self._mixture_metrics(step),
+                **self._mixture_metrics(step), **self._rank_times(step),
             })
         if not result.skipped:  # after the metrics line: the step's finite loss is on record
             self._check_weights_finite(step, "the update overflowed" + (" although the loss was finite"
@@ -392,6 +419,16 @@ class Trainer:
         loss, _ = evaluate(self.engine, self.runtime, self.runtime.micro_batches(batches),
                            self.runtime.micro_batch(padding))
         return loss
+
+    def _rank_times(self, step: int) -> dict[str, float]:
+        """Every rank's step times since the last logged step (collective); the slow ones named on the console."""
+        started = time.perf_counter()
+        rows = gather_rows(self.step_times.take(), self.runtime.device)
+        metrics, slow = rank_time_report(rows, self.hosts, self.cfg.logging.straggler_factor)
+        for line in slow:
+            _say(f"step {step}: {line}")
+        metrics["rank_time/gather_s"] = time.perf_counter() - started  # what the gauge costs (benchmarks/)
+        return metrics
 
     # ---- a mixture's sources ---------------------------------------------------------------------
 
@@ -486,11 +523,20 @@ class Trainer:
             if not self._nothing_to_do():
                 self._finish(self._loop())
             return 0
+        except BaseException as err:  # why this rank stops, for the restart record (train/restarts.py)
+            if self.progress is not None:
+                self.progress.failed(_one_line(err))
+            raise
         finally:
             self.close()
 
-    def _phase(self, name: str):
-        return self.runtime.phase(name)
+    @contextlib.contextmanager
+    def _phase(self, name: str, step: int | None = None):
+        """This rank enters ``name`` (its progress record, the hang watchdog) and a collective failing inside
+        names it."""
+        self.progress.enter(name, step)
+        with self.runtime.phase(name):
+            yield
 
     def _nothing_to_do(self) -> bool:
         """The resumed checkpoint is already at train.steps: say so, and leave the run finished."""
@@ -518,11 +564,12 @@ class Trainer:
         train.stop_at_step or an agreed preemption signal."""
         cfg = self.cfg
         self._announce()
+        self.progress.watch(cfg.train.hang_timeout_s)
         step = self.start_step
         for step in range(self.start_step + 1, cfg.train.steps + 1):
-            with self._phase(f"training step {step}"):
+            with self._phase(f"training step {step}", step):
                 self.train_step(step)
-            with self._phase(f"publishing a checkpoint after step {step}"):
+            with self._phase(f"publishing a checkpoint after step {step}"), self.step_times.section("checkpoint"):
                 self.poll_checkpoint()
             if self.state.progress.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
                 write_status(self.run_dir, "failed", step)
@@ -535,7 +582,7 @@ class Trainer:
                 with self._phase(f"validation after step {step}"):
                     self.evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-                with self._phase(f"saving the checkpoint of step {step}"):
+                with self._phase(f"saving the checkpoint of step {step}"), self.step_times.section("checkpoint"):
                     self.save()
             if step == cfg.train.stop_at_step:
                 return LoopOutcome("stopped", step)
@@ -567,6 +614,8 @@ class Trainer:
             self.metrics.close()
         if self.engine is not None:
             self.engine.destroy()
+        if self.progress is not None:
+            self.progress.close()
         if self.lock is not None:
             self.lock.release()
         stop_runtime()

@@ -2,6 +2,9 @@
 
 import json
 import os
+import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -122,6 +125,93 @@ def test_warning_signal_checkpoints_requeues_and_resumes(cluster, overrides, dir
     assert (run_dir / "eval" / "niah.json").exists()
 
 
+def _rank_record(run_dir, rank) -> dict | None:
+    try:
+        return json.loads((run_dir / "progress" / f"rank_{rank}.json").read_bytes().rstrip())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for(predicate, what, job, cluster, run_dir, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"job {job}: {what} never happened ({cluster.job_state(job)}):\n{_job_logs(run_dir)}")
+
+
+def _training(run_dir, rank, step, *, not_pid=None):
+    """Rank ``rank``'s record once it trains step >= ``step`` (in a process other than ``not_pid``)."""
+    record = _rank_record(run_dir, rank)
+    if record and record["pid"] != not_pid and record["step"] >= step and record["phase"].startswith("training step"):
+        return record
+    return None
+
+
+def test_a_killed_and_a_hung_worker_restart_the_job_which_completes(cluster, overrides, direct, tmp_path):
+    """2 nodes x 1 process: SIGKILL of the second node's worker at a random step, later SIGSTOP of it inside a
+    step: each time the job restarts in its allocation (a new job step, the same rendezvous port) from the last
+    checkpoint and, in the end, trains every step as the uninterrupted run did."""
+    run_dir = tmp_path / "slurm-run"
+    kill_at, stop_at = random.randint(5, 9), random.randint(13, 16)
+    job = _launch(cluster, run_dir, "--nodes", "2", "--nproc-per-node", "1",
+                  overrides=overrides + [f"train.steps={STEPS}", "checkpoint.interval=4", "train.hang_timeout_s=10",
+                                         "launch.restart_backoff_s=1"])
+    killed = _wait_for(lambda: _training(run_dir, 1, kill_at), f"step {kill_at}", job, cluster, run_dir)
+    os.kill(killed["pid"], signal.SIGKILL)
+    stopped = _wait_for(lambda: _training(run_dir, 1, stop_at, not_pid=killed["pid"]), f"step {stop_at} after "
+                        f"the restart (kill at {kill_at})", job, cluster, run_dir)
+    os.kill(stopped["pid"], signal.SIGSTOP)
+    rank0_log = run_dir / "logs" / "rank_0.log"
+    _wait_for(lambda: rank0_log.exists() and "no progress for" in rank0_log.read_text(), "the hang report", job,
+              cluster, run_dir, timeout=120)
+    # Rank 1 stays stopped until the report is written; continuing it then spares torchrun's 30 s SIGKILL wait.
+    os.kill(stopped["pid"], signal.SIGCONT)
+    assert cluster.wait(job, timeout=600) == "COMPLETED", _job_logs(run_dir)
+
+    report = rank0_log.read_text()
+    hang = report[report.index("no progress for"):]
+    assert f"' (step {stopped['step']}); Python stacks" in hang.splitlines()[0], hang[:2000]
+    assert "Python stacks of every thread follow" in hang and 'lucid_megatron/train/' in hang, hang[:4000]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and len(status["restarts"]) == 2, status
+    crash, hung = status["restarts"]
+    assert crash["cause"].startswith("killed by SIGKILL") and crash["rank"] == 1, crash
+    assert killed["step"] <= crash["step"] <= killed["step"] + 1 and crash["resumes_from"] <= crash["step"], crash
+    assert "hang: no progress" in hung["cause"] and hung["step"] in (stopped["step"], stopped["step"] + 1), hung
+    batch_log = (run_dir / "slurm" / f"lucid-demo-{job}.out").read_text()
+    assert "lucid: restart 1/3 in 1 s, from the checkpoint of step" in batch_log, batch_log
+    assert "lucid: restart 2/3 in 2 s" in batch_log and "run finished" in batch_log, batch_log
+    got, want = train_records(run_dir), direct
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s]["loss"] for s in want] == [want[s]["loss"] for s in want], (kill_at, stop_at)
+
+
+def test_a_crash_at_the_same_step_stops_after_the_allowed_retries(cluster, overrides, tmp_path):
+    """A dataset with a truncated shard: the job fails at the same step twice and stops, naming step and rank."""
+    data = tmp_path / "damaged"
+    shutil.copytree(next(o for o in overrides if o.startswith("data.path=")).split("=", 1)[1], data)
+    shard = data / "train-000005.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    run_dir = tmp_path / "slurm-run"
+    job = _launch(cluster, run_dir, "--nodes", "1", "--nproc-per-node", "2",
+                  overrides=overrides + [f"data.path={data}", f"train.steps={STEPS}", "launch.restart_backoff_s=1"])
+    assert cluster.wait(job, timeout=600) == "FAILED", _job_logs(run_dir)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and len(status["restarts"]) == 1, status
+    first = status["restarts"][0]
+    assert f"{shard} is corrupt or truncated" in first["cause"], first
+    where = f"rank {first['rank']} (host "
+    assert status["reason"].startswith(where) and f"at step {first['step']} in phase 'training step" in \
+        status["reason"], status["reason"]
+    assert "failed 2 times in a row" in status["reason"] and "launch.max_same_step_failures=2" in status["reason"]
+    batch_log = (run_dir / "slurm" / f"lucid-demo-{job}.out").read_text()
+    assert batch_log.count("lucid: the job failed: ") == 2 and "failed 2 times in a row" in batch_log, batch_log
+    assert "requeueing" not in batch_log and "training did not finish (state failed" in batch_log, batch_log
+
+
 def test_scancel_leaves_no_process_behind(cluster, overrides, tmp_path):
     run_dir = tmp_path / "slurm-run"
     job = _launch(cluster, run_dir, "--nodes", "2", "--nproc-per-node", "1",
@@ -191,6 +281,8 @@ def test_dry_run_renders_a_multi_node_gpu_job(tmp_path):
                  '--nnodes="$SLURM_NNODES" --nproc-per-node="$NPROC_PER_NODE"',
                  "--resume auto", "OVERRIDES=(--set checkpoint.interval=500)",
                  'scontrol requeue "$SLURM_JOB_ID"', "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+                 '"$PYTHON" -m lucid_megatron.train.restarts "$CONFIG" --run-dir "$RUN_DIR" "${OVERRIDES[@]}" -- \\',
+                 '"$PYTHON" -m lucid_megatron.runtime.elastic_agent \\', "--max-restarts=0 \\",
                  f"#SBATCH --output={tmp_path / 'run' / 'slurm'}/%x-%j.out"]:
         assert line in script, line
     syntax = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)

@@ -256,7 +256,7 @@ def test_a_worker_stuck_after_sigterm_is_killed_after_the_grace_period(config, t
     try:
         _wait_for_step(run_dir, 1, proc)
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "lucid_megatron" in " ".join(p.cmdline())
-                   and "torch.distributed.run" not in " ".join(p.cmdline())]
+                   and "elastic_agent" not in " ".join(p.cmdline())]
         assert len(workers) == 2
         workers[1].suspend()  # stuck: it will never reach the next collective, nor act on SIGTERM
         proc.send_signal(signal.SIGTERM)
@@ -272,16 +272,17 @@ def test_a_worker_stuck_after_sigterm_is_killed_after_the_grace_period(config, t
 def test_killing_the_launcher_leaves_no_worker_behind_and_frees_the_run(config, tmp_path, victim):
     """SIGKILL of `lucid train` itself, outside SLURM: torchrun gets SIGTERM (its parent-death signal), its
     workers save a checkpoint and stop. SIGKILL of torchrun: its workers get SIGKILL (theirs). Either way
-    nothing outlives the launcher and the run directory's lock is free."""
+    nothing outlives the launcher and the run directory's lock is free (and with no restart allowed, the
+    supervisor in `lucid train` records the failure instead of starting again)."""
     from lucid_megatron.train.run_lock import check_free
 
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=["train.steps=400"]), env=train_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(train_command(config, run_dir, nproc=2, overrides=["train.steps=400", "launch.max_restarts=0"]),
+                            env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for_step(run_dir, 1, proc)
         tree = psutil.Process(proc.pid).children(recursive=True)
-        torchrun = [p for p in tree if "torch.distributed.run" in " ".join(p.cmdline())]
+        torchrun = [p for p in tree if "lucid_megatron.runtime.elastic_agent" in " ".join(p.cmdline())]
         assert len(torchrun) == 1 and len(tree) == 3  # torchrun and its two workers
         (proc if victim == "lucid train" else torchrun[0]).kill()  # nothing can be forwarded now
         proc.communicate(timeout=120)
@@ -294,8 +295,9 @@ def test_killing_the_launcher_leaves_no_worker_behind_and_frees_the_run(config, 
     state = json.loads((run_dir / "status.json").read_text())["state"]
     if victim == "lucid train":  # saved on torchrun's SIGTERM: nothing lost
         assert state == "preempted" and (run_dir / "checkpoints" / "latest").exists()
-    else:  # killed mid-step, as a node loss would: the run did not go on to finish
-        assert state == "running", state
+    else:  # killed mid-step, as a node loss would: the supervisor would restart, but may not
+        status = json.loads((run_dir / "status.json").read_text())
+        assert state == "failed" and "launch.max_restarts=0" in status["reason"], status
 
 
 def test_a_collective_timeout_names_the_rank_and_the_phase():
