@@ -18,7 +18,7 @@ from lucid_megatron.cli_args import USAGE
 SUBCOMMANDS = {
     "train": ("lucid_megatron.train.cli", "train a LUCID model (DeepSpeed ZeRO over Megatron-Core)"),
     "convert": ("lucid_megatron.convert.cli", "Megatron <-> Hugging Face conversion and logit-parity check"),
-    "eval": ("lucid_megatron.eval.cli", "long-context evaluation: needle retrieval, loss by position"),
+    "eval": ("lucid_megatron.eval.cli", "long-context evaluation: needle retrieval, loss by position; a run's scalars as a picture"),
     "experiment": ("lucid_megatron.experiment.cli", "LUCID vs softmax reproduction, the context-extension recipe, the attention-sink toy"),
     "launch": ("lucid_megatron.launch.cli", "start training: torchrun on this machine, or a SLURM job"),
     "demo": ("lucid_megatron.demo", "check and time the LUCID operator on a small CPU problem"),

@@ -53,6 +53,7 @@ BASES = {
     ("convert", "verify"): Base({"checkpoint": "{missing}", "hf_dir": "{missing}"}),
     ("eval", "niah"): Base(options={"--checkpoint": "{missing}", "--lengths": "64"}),
     ("eval", "ppl"): Base(options={"--checkpoint": "{missing}", "--data": "{missing}"}),
+    ("eval", "scalars"): Base({"run_dir": "{missing}"}, {"--out": "{new}"}),
     ("experiment", "repro"): Base({"experiment": "{missing}.yaml"}, {"--out": "{new}"}),
     ("experiment", "extend"): Base({"recipe": "{missing}.yaml"}, {"--out": "{new}"}),
     ("experiment", "toy"): Base(options={"--out": "{new}"}),

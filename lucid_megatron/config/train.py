@@ -154,6 +154,18 @@ class ScheduleConfig:
             raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
 
 
+def parse_step_range(text: str) -> tuple[int, int]:
+    """``"A-B"`` (or ``"A"``) -> (A, B); ValueError naming the text and the form otherwise."""
+    first, _, last = str(text).partition("-")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a step range; write A-B, e.g. 10-12 (or one step: 10)") from None
+    if not 1 <= a <= b:
+        raise ValueError(f"{text!r}: the steps must satisfy 1 <= A <= B")
+    return a, b
+
+
 BF16_NEEDS_ZERO = (
     "precision: bf16 needs zero_stage >= 1: at stage 0 DeepSpeed accumulates the gradients in bf16 (1.8% loss "
     "error after 6 steps of the test model, against 2e-4 at stage 1, which keeps them in fp32 and costs no "
@@ -183,6 +195,8 @@ class TrainSection:
     # A rank that has not moved to its next phase (data, step, save, ...) for this long writes its Python stacks
     # and its phase to its log and exits non-zero, so the job restarts (train/progress.py); null: no watchdog.
     hang_timeout_s: float | None = 1800.0
+    # "A-B": write a torch.profiler trace of steps A to B per rank to RUN_DIR/profile/ (train/profiler.py)
+    profile_steps: str | None = None
     # Start on a DeepSpeed version the checkpoint code was not checked against (runtime/deepspeed_adapter.py).
     allow_untested_deepspeed: bool = False
 
@@ -193,6 +207,11 @@ class TrainSection:
             raise ConfigError(BF16_NEEDS_ZERO)
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"collective_timeout_s: must be > 0, got {self.collective_timeout_s}")
+        if self.profile_steps is not None:
+            try:
+                parse_step_range(self.profile_steps)
+            except ValueError as err:
+                raise ConfigError(f"profile_steps: {err}") from None
         if self.hang_timeout_s is not None and not self.hang_timeout_s > 0:
             raise ConfigError(f"hang_timeout_s: must be > 0 or null (no watchdog), got {self.hang_timeout_s}")
         if self.stop_at_step is not None and self.stop_at_step < 1:
@@ -228,6 +247,21 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class WandbConfig:
+    """Also log the metrics to Weights & Biases (rank 0; the ``wandb`` extra).  Off when the section is absent."""
+
+    project: str
+    name: str | None = None  # the W&B run's display name; default: the run directory's name
+    # offline: write the W&B run under RUN_DIR/wandb only (upload later with `wandb sync`); disabled: log nothing
+    mode: Literal["online", "offline", "disabled"] = "online"
+    entity: str | None = None  # the W&B user or team; default: the account's default entity
+
+    def validate(self) -> None:
+        if not self.project.strip():
+            raise ConfigError(f"project: must name a W&B project, got {self.project!r}")
+
+
+@dataclasses.dataclass
 class LoggingConfig:
     interval: int = 10  # steps between metric lines (metrics.jsonl, TensorBoard)
     eval_interval: int = 0  # steps between validation passes (0: only at the end)
@@ -236,6 +270,7 @@ class LoggingConfig:
     # Every interval each rank's step time is gathered (train/step_times.py); a rank whose own work (its time
     # less what it waited for the others) exceeds this many times the median is named, with its host.
     straggler_factor: float = 1.5
+    wandb: WandbConfig | None = None  # Weights & Biases beside TensorBoard (docs/training.md, "Logging")
 
     def validate(self) -> None:
         if self.interval < 1 or self.eval_interval < 0:

@@ -1,9 +1,10 @@
-"""``lucid eval niah | ppl``.
+"""``lucid eval niah | ppl | scalars``.
 
     lucid eval niah (--checkpoint C | --hf DIR) [...] --lengths 256 512 1024 [--needles 4 --queries 2]
                     [--num-samples 100 --seed 0 --batch-size 8] [--out results.json] [--plot plot.png]
                     [--tensor-parallel-size T --context-parallel-size C [--cp-comm-type p2p]]
     lucid eval ppl --checkpoint C --data DIR [--split valid --seq-length L --rows N --bucket-size B] [...]
+    lucid eval scalars RUN_DIR [--out PNG]      (a training run's TensorBoard scalars; default RUN_DIR/scalars.png)
 
 With T x C > 1 the command starts torchrun for T x C processes (or runs under one) and evaluates the
 checkpoint at that layout; only rank 0 writes. Everything that can be checked before the workers start is
@@ -50,7 +51,7 @@ def _task_args(niah) -> None:
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="eval_command", metavar="{niah,ppl}", required=True)
+    sub = parser.add_subparsers(dest="eval_command", metavar="{niah,ppl,scalars}", required=True)
     niah = sub.add_parser("niah", help="single/multi-needle retrieval accuracy vs context length")
     niah.add_argument("--checkpoint", action="append", default=[], type=cli_args.input_dir(),
                       help="Megatron checkpoint (repeatable)")
@@ -82,6 +83,10 @@ def add_arguments(parser) -> None:
     ppl.add_argument("--out", type=cli_args.output_file())
     ppl.add_argument("--plot", type=cli_args.output_file())
     _parallel_args(ppl)
+
+    scalars = sub.add_parser("scalars", help="a training run's TensorBoard scalars in one PNG")
+    scalars.add_argument("run_dir", type=cli_args.input_dir(), help="the run's --run-dir (reads RUN_DIR/tensorboard)")
+    scalars.add_argument("--out", type=cli_args.output_file(), help="the PNG (default: RUN_DIR/scalars.png)")
 
 
 def _is_writer() -> bool:
@@ -312,7 +317,25 @@ def _ppl(args) -> int:
     return 0
 
 
+def _scalars(args) -> int:
+    """Draw a run's TensorBoard scalars (lucid_megatron/eval/scalars.py); reads event files, starts no model."""
+    from lucid_megatron.atomic import check_output_file
+    from lucid_megatron.eval import scalars
+
+    out = args.out or str(Path(args.run_dir) / "scalars.png")
+    try:
+        check_output_file(out, label="--out")
+        drawn = scalars.plot_scalars(args.run_dir, out)
+    except cli_args.BAD_INPUT_ERRORS as err:
+        return cli_args.fail("eval", str(err), cli_args.exit_code(err))
+    print(f"wrote {out}: {scalars.count_panels(drawn)} panels of {len(drawn)} scalars from "
+          f"{scalars.event_dir(args.run_dir)}")
+    return 0
+
+
 def run(args) -> int:
+    if args.eval_command == "scalars":  # no model, no processes: none of the checks below apply
+        return _scalars(args)
     import torch
 
     try:

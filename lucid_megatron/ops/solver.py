@@ -19,6 +19,7 @@ import dataclasses
 from typing import Protocol
 
 import torch
+from torch.profiler import record_function
 
 from . import blockwise
 from .blockwise import DEFAULT_BLOCK_COLS, DEFAULT_BLOCK_ROWS
@@ -72,15 +73,40 @@ class BlockwiseSolver:
                                             row_chunk=self.block_cols)
 
 
+@dataclasses.dataclass(frozen=True)
+class NamedSolver:
+    """A solver whose calls carry names in profiler traces (``lucid::solve``, ``lucid::solve_backward``, and the
+    context-parallel pipeline's ``lucid::solve_earlier`` / ``lucid::solve_backward_earlier``)."""
+
+    inner: Solver
+
+    def solve(self, kn, v, segments):
+        with record_function("lucid::solve"):
+            return self.inner.solve(kn, v, segments)
+
+    def solve_backward(self, kn, vp, grad_vp, segments):
+        with record_function("lucid::solve_backward"):
+            return self.inner.solve_backward(kn, vp, grad_vp, segments)
+
+    def subtract_earlier(self, acc, rows_kn, cols_kn, cols_vp) -> None:
+        with record_function("lucid::solve_earlier"):
+            self.inner.subtract_earlier(acc, rows_kn, cols_kn, cols_vp)
+
+    def backward_earlier(self, *args) -> None:
+        with record_function("lucid::solve_backward_earlier"):
+            self.inner.backward_earlier(*args)
+
+
 def make_solver(backend: str, dtype: torch.dtype, *, block_rows: int = DEFAULT_BLOCK_ROWS,
                 block_cols: int = DEFAULT_BLOCK_COLS) -> Solver:
-    """The solver of a resolved backend (``blockwise`` or ``triton``; see ``attention.resolve_backend``)."""
+    """The solver of a resolved backend (``blockwise`` or ``triton``; see ``attention.resolve_backend``), named
+    in profiler traces."""
     if backend == "triton":
         import lucid_triton
 
-        return lucid_triton.TritonSolver(dtype)
+        return NamedSolver(lucid_triton.TritonSolver(dtype))
     if backend == "blockwise":
-        return BlockwiseSolver(block_rows, block_cols)
+        return NamedSolver(BlockwiseSolver(block_rows, block_cols))
     raise ValueError(f"no solver for backend {backend!r}; allowed: 'blockwise', 'triton'")
 
 

@@ -8,6 +8,7 @@ processes on this machine, forwarding SIGTERM/SIGUSR1 to the workers so they sav
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,9 @@ def add_arguments(parser) -> None:
                         help="'auto' (latest complete checkpoint in the run dir, if any) or a checkpoint path")
     parser.add_argument("--nproc-per-node", type=cli_args.positive_int(cli_args.MAX_PROCESSES),
                         help="processes to start on this machine (default: launch.nproc_per_node)")
+    parser.add_argument("--profile-steps", metavar="A-B",
+                        help="write a profiler trace of steps A to B per rank to RUN_DIR/profile/ "
+                             "(the same as --set train.profile_steps=A-B)")
     parser.add_argument("--allow-change", nargs="+", default=[], metavar="FIELD",
                         help="fields a resume may change (the LR schedule, data.path, data.sources)")
 
@@ -59,7 +63,9 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int,
     from lucid_megatron.config.train import BF16_NEEDS_ZERO
     from lucid_megatron.runtime import default_device
     from lucid_megatron.runtime.parallelize import check_spec, params_dtype
+    from lucid_megatron.train.wandb_logger import check_wandb_available
 
+    check_wandb_available(cfg)
     layout = split_world(cfg, world_size)
     check_spec(cfg.model.spec)
     if params_dtype(cfg.train.precision, default_device()) == torch.bfloat16 and cfg.train.zero_stage == 0:
@@ -128,6 +134,8 @@ def _prepare_process(run_dir: Path, under_torchrun: bool, nproc: int, checks_fir
 def run(args) -> int:
     from lucid_megatron.config.train import load_train_config
 
+    if args.profile_steps is not None:  # an override, so that torchrun's workers get it with the others
+        args.overrides = [*args.overrides, f"train.profile_steps={json.dumps(args.profile_steps)}"]
     try:
         cfg = load_train_config(args.config, args.overrides)
     except ConfigError as err:

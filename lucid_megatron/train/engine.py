@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from megatron.core import parallel_state
 
 from lucid_megatron.data.loader import MicroBatch
@@ -65,16 +66,18 @@ def train_step(engine, runtime: Runtime, micro_batches: list[PlacedMicroBatch], 
         loss_sum = torch.zeros(1, dtype=torch.float64, device=runtime.device)
         nonfinite = 0
         for mb in micro_batches:
-            local = micro_batch_loss_sum(engine, mb)
+            with record_function("lucid::forward"):  # named in profiler traces (train.profile_steps)
+                local = micro_batch_loss_sum(engine, mb)
             if runtime.any_rank(~torch.isfinite(local)):
                 nonfinite += 1  # every rank takes the same branch
                 continue
-            engine.backward(local * scale, scale_wrt_gas=False)
+            with record_function("lucid::backward"):
+                engine.backward(local * scale, scale_wrt_gas=False)
             loss_sum += local.detach().to(torch.float64)
     skipped = nonfinite == len(micro_batches)
     grad_norm = None
     if not skipped:
-        with section("optimizer"):
+        with section("optimizer"), record_function("lucid::deepspeed_step"):
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             engine.step()

@@ -16,6 +16,10 @@ TENSORBOARD_TAGS = {
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
     "tokens_per_s": "perf/tokens_per_s",
+    "tokens_per_s_per_gpu": "perf/tokens_per_s_per_gpu",
+    "tflops_per_gpu": "perf/tflops_per_gpu",  # model FLOPs (model/flops.py)
+    "hardware_tflops_per_gpu": "perf/hardware_tflops_per_gpu",  # with recomputation
+    "mfu": "perf/mfu",
     "step_time_s": "perf/step_time_s",
     "memory_gib": "perf/memory_gib",
     "nonfinite_steps": "train/nonfinite_steps",
@@ -48,8 +52,9 @@ class MetricsLogger:
     """Writes only on the rank that has ``enabled=True`` (rank 0); every call is cheap elsewhere."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress: bool,
-                 total_steps: int, start_step: int):
+                 total_steps: int, start_step: int, wandb=None):
         self.enabled = enabled
+        self.wandb = wandb if enabled else None  # a WandbLogger (train/wandb_logger.py): W&B beside TensorBoard
         self.progress = progress and enabled
         self.total_steps = total_steps
         self.start_step = start_step
@@ -88,6 +93,8 @@ class MetricsLogger:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"layout/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.static(step, values)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -101,6 +108,8 @@ class MetricsLogger:
                 if tag is not None and value is not None:
                     self.writer.add_scalar(tag, value, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, values)
         if self.progress and "loss" in values:
             self._print_progress(step, values)
         elif self.progress and "valid_loss" in values:
@@ -121,6 +130,15 @@ class MetricsLogger:
         if values.get("grad_norm") is not None:
             parts.append(f"gnorm {values['grad_norm']:.3f}")
         parts.append(f"{values['tokens_per_s']:.0f} tok/s")
+        if "tflops_per_gpu" in values:
+            parts.append(f"{values['tflops_per_gpu']:.3g} TFLOP/s/GPU" +
+                         (f" MFU {values['mfu']:.1%}" if "mfu" in values else ""))
+        if "time/compute_s" in values:  # where the median rank's step went (train/step_times.py)
+            sections = {"data": "time/data_wait_s", "compute": "time/compute_s", "optimizer": "time/optimizer_s",
+                        "checkpoint": "time/checkpoint_s", "eval": "time/evaluation_s"}
+            spent = {name: values.get(key, 0.0) for name, key in sections.items()}
+            total = sum(spent.values()) or 1.0
+            parts.append("time " + " ".join(f"{name} {value / total:.0%}" for name, value in spent.items()))
         if any(key.startswith("share/") for key in values):  # a mixture: each source's share of the tokens so far
             parts.append(f"mix {_per_source(values, 'share/')}")
         if any(key.startswith("long_share/") for key in values):
@@ -131,6 +149,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def _duration(seconds: float) -> str:

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 SECTIONS = ("data_wait", "compute", "optimizer", "checkpoint")
-COLUMNS = ("step", *SECTIONS, "collective_wait")  # per-step means, one row per rank
+# Per-step means, one row per rank; validation passes (``evaluation``) are timed beside the steps, not in them.
+COLUMNS = ("step", *SECTIONS, "collective_wait", "evaluation")
 
 
 class StepTimes:

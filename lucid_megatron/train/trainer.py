@@ -29,14 +29,16 @@ import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.profiler import record_function
 
 from lucid_megatron import atomic
 from lucid_megatron.config.schema import ConfigError, to_dict
-from lucid_megatron.config.train import TrainConfig, dump_config
+from lucid_megatron.config.train import TrainConfig, dump_config, parse_step_range
 from lucid_megatron.data import loader as data_loader
 from lucid_megatron.data.mixture import Mixture, SourceTotals, source_totals
 from lucid_megatron.data.shards import Manifest
 from lucid_megatron.data.synth import ensure_synth_dataset
+from lucid_megatron.model.flops import StepFlops, peak_flops, step_flops
 from lucid_megatron.runtime import deepspeed_adapter, start_runtime, stop_runtime
 from lucid_megatron.runtime.parallelize import EngineOptions, build_engine, build_model, params_dtype
 
@@ -44,6 +46,7 @@ from lucid_megatron.checkpoint import (Checkpointer, checkpoint_problem, nonfini
                                        resolve_checkpoint)
 from .engine import StepResult, evaluate, rows_digest, train_step
 from .metrics import MetricsLogger
+from .profiler import StepProfiler
 from .progress import RankProgress
 from .run_lock import RunDirLock
 from .run_state import DataPositions, DataRecord, LayoutRecord, RunState, TokenizerRecord, TrainProgress
@@ -162,6 +165,7 @@ class Trainer:
         self.last_saved: tuple[int, Path] | None = None
         self.progress: RankProgress | None = None  # where this rank is: the hang watchdog, the restart records
         self.step_times: StepTimes | None = None
+        self.since_logged = [0.0, 0.0, 0.0]  # this rank's model FLOPs, hardware FLOPs, step seconds since the last log
 
     # ---- composition ---------------------------------------------------------------------------
 
@@ -197,6 +201,9 @@ class Trainer:
         rank = dist.get_rank()
         self.progress = RankProgress(self.run_dir, rank, log_path=self.run_dir / "logs" / f"rank_{rank}.log")
         self.step_times = StepTimes(self.runtime.device)
+        steps = self.cfg.train.profile_steps
+        self.profiler = StepProfiler(None if steps is None else parse_step_range(steps), self.run_dir, rank,
+                                     self.runtime.device)
         self.runtime = dataclasses.replace(self.runtime, collective_clock=self.step_times.collective)
         self.hosts = [None] * dist.get_world_size()
         dist.all_gather_object(self.hosts, socket.gethostname())
@@ -329,9 +336,15 @@ class Trainer:
 
     def _open_metrics(self) -> None:
         cfg = self.cfg
+        wandb = None
+        if cfg.logging.wandb is not None and self.runtime.is_first_rank:
+            from .wandb_logger import WandbLogger  # the optional extra: imported only when asked for
+
+            wandb = WandbLogger(cfg, self.run_dir)
         self.metrics = MetricsLogger(
             self.run_dir, enabled=self.runtime.is_first_rank, tensorboard=cfg.logging.tensorboard,
             progress=cfg.logging.progress, total_steps=cfg.train.steps, start_step=self.start_step,
+            wandb=wandb,
         )
         self.metrics.static(self.start_step, self.state.layout.current)
 
@@ -352,7 +365,7 @@ class Trainer:
         cfg, state, times = self.cfg, self.state, self.step_times
         started = time.perf_counter()
         with times.step():
-            with times.section("data_wait"):
+            with times.section("data_wait"), record_function("lucid::data"):
                 micro_batches = [next(self.loader) for _ in range(self.grad_accum)]
                 placed = self.runtime.micro_batches(micro_batches)
             lr = state.lr_schedule.step()
@@ -361,6 +374,9 @@ class Trainer:
                 state.data.advance(micro_batches)
                 digest = rows_digest(self.runtime, micro_batches, cfg.train.seq_length)
         elapsed = time.perf_counter() - started
+        flops = self._step_flops(micro_batches)
+        self.since_logged = [self.since_logged[0] + flops.model_total, self.since_logged[1] + flops.hardware_total,
+                             self.since_logged[2] + elapsed]
 
         state.progress.record(step, nonfinite=bool(result.nonfinite_micro_batches))
         if result.nonfinite_micro_batches:
@@ -373,9 +389,11 @@ class Trainer:
                 "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                 "tokens": result.tokens,
                 "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / elapsed,
+                "tokens_per_s_per_gpu": cfg.train.global_batch_size * cfg.train.seq_length / elapsed
+                / self.layout.world_size,
                 "step_time_s": elapsed, "memory_gib": _memory_gib(self.runtime.device),
                 "nonfinite_steps": state.progress.nonfinite_steps, "skipped": result.skipped, "data_digest": digest,
-                **self._mixture_metrics(step), **self._rank_times(step),
+                **self._mixture_metrics(step), **self._rank_times(step), **self._throughput(),
             })
         if not result.skipped:  # after the metrics line: the step's finite loss is on record
             self._check_weights_finite(step, "the update overflowed" + (" although the loss was finite"
@@ -419,6 +437,33 @@ class Trainer:
         loss, _ = evaluate(self.engine, self.runtime, self.runtime.micro_batches(batches),
                            self.runtime.micro_batch(padding))
         return loss
+
+    def _step_flops(self, micro_batches) -> StepFlops:
+        """This rank's share of the step's FLOPs: its rows' documents (model/flops.py), split over the TP x CP
+        ranks that hold the same rows."""
+        flops = None
+        for mb in micro_batches:
+            part = step_flops(self.cfg.model, torch.diff(mb.cu_seqlens).tolist(),
+                              activation_checkpointing=self.cfg.train.activation_checkpointing)
+            flops = part if flops is None else flops + part
+        share = self.layout.tensor_parallel * self.layout.context_parallel
+        return StepFlops(*({k: v / share for k, v in d.items()} for d in (flops.forward, flops.model, flops.hardware)))
+
+    def _throughput(self) -> dict[str, float]:
+        """TFLOP/s per GPU (model FLOPs, and hardware FLOPs with recomputation), MFU against the device's peak
+        (left out where the peak is unknown, e.g. on CPU) and tokens/s per GPU, since the last logged step
+        (collective: the FLOPs summed over every rank)."""
+        model, hardware, seconds = self.since_logged
+        totals = self.runtime.host(self.runtime.all_reduce(self.runtime.tensor([model, hardware])))
+        self.since_logged = [0.0, 0.0, 0.0]
+        world, device = self.layout.world_size, self.runtime.device
+        per_gpu = [total / world / max(seconds, 1e-12) / 1e12 for total in totals]
+        values = {"tflops_per_gpu": per_gpu[0], "hardware_tflops_per_gpu": per_gpu[1]}
+        bf16 = params_dtype(self.cfg.train.precision, device) == torch.bfloat16
+        peak = peak_flops(torch.cuda.get_device_name(device), bf16) if device.type == "cuda" else None
+        if peak is not None:
+            values["mfu"] = per_gpu[0] * 1e12 / peak
+        return values
 
     def _rank_times(self, step: int) -> dict[str, float]:
         """Every rank's step times since the last logged step (collective); the slow ones named on the console."""
@@ -567,7 +612,7 @@ class Trainer:
         self.progress.watch(cfg.train.hang_timeout_s)
         step = self.start_step
         for step in range(self.start_step + 1, cfg.train.steps + 1):
-            with self._phase(f"training step {step}", step):
+            with self._phase(f"training step {step}", step), self.profiler.step(step):
                 self.train_step(step)
             with self._phase(f"publishing a checkpoint after step {step}"), self.step_times.section("checkpoint"):
                 self.poll_checkpoint()
@@ -579,7 +624,7 @@ class Trainer:
                     "optimizer.lr, keep optimizer.grad_clip > 0, or inspect the data of these steps."
                 )
             if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0:
-                with self._phase(f"validation after step {step}"):
+                with self._phase(f"validation after step {step}"), self.step_times.section("evaluation"):
                     self.evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 with self._phase(f"saving the checkpoint of step {step}"), self.step_times.section("checkpoint"):
@@ -616,6 +661,7 @@ class Trainer:
             self.engine.destroy()
         if self.progress is not None:
             self.progress.close()
+            self.profiler.close()
         if self.lock is not None:
             self.lock.release()
         stop_runtime()

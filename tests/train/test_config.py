@@ -70,6 +70,12 @@ def test_softmax_baseline_is_one_override_away():
         ("bogus.key=1", r"bogus: unknown key; allowed: model, train, data"),
         ("train.seq_length=100000", r"train.seq_length: 100000 exceeds model.max_seq_len"),
         ("steps=3", r"--set expects section.key=value, got 'steps=3'"),
+        ('train.profile_steps="5-3"', r"train.profile_steps: '5-3': the steps must satisfy 1 <= A <= B"),
+        ('train.profile_steps="a-b"', r"train.profile_steps: 'a-b' is not a step range; write A-B, e.g. 10-12"),
+        ("train.hang_timeout_s=0", r"train.hang_timeout_s: must be > 0 or null \(no watchdog\), got 0"),
+        ("logging.straggler_factor=1", r"logging.straggler_factor: must be > 1 \(a multiple of the median\), got 1"),
+        ("launch.max_restarts=-1", r"launch.max_restarts: must be >= 0, got -1"),
+        ("launch.max_same_step_failures=0", r"launch.max_same_step_failures: must be >= 1, got 0"),
         ("data.synth.task.min_len=40", r"data.synth.task: RetrievalTask.min_len=40 cannot hold 4 keys x 1 assignments and 2 queries plus BOS/EOS; the minimum is \d+ byte tokens"),
     ],
 )

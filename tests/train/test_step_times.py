@@ -14,11 +14,11 @@ from tests.train.runs import metrics, small_training_config, train_command, trai
 
 
 def test_the_report_names_ranks_slower_than_the_factor_times_the_median():
-    # columns: step, data_wait, compute, optimizer, checkpoint, collective_wait (seconds per step)
-    rows = [[1.0, 0.05, 0.80, 0.10, 0.05, 0.60],   # own 0.40: waited 0.60 for rank 2
-            [1.0, 0.05, 0.80, 0.10, 0.05, 0.55],   # own 0.45
-            [1.0, 0.30, 0.60, 0.10, 0.00, 0.05]]   # own 0.95: data-bound
-    assert COLUMNS == ("step", "data_wait", "compute", "optimizer", "checkpoint", "collective_wait")
+    # columns: step, data_wait, compute, optimizer, checkpoint, collective_wait, evaluation (seconds per step)
+    rows = [[1.0, 0.05, 0.80, 0.10, 0.05, 0.60, 0.2],   # own 0.40: waited 0.60 for rank 2
+            [1.0, 0.05, 0.80, 0.10, 0.05, 0.55, 0.2],   # own 0.45
+            [1.0, 0.30, 0.60, 0.10, 0.00, 0.05, 0.2]]   # own 0.95: data-bound (evaluation is not a step's own time)
+    assert COLUMNS == ("step", "data_wait", "compute", "optimizer", "checkpoint", "collective_wait", "evaluation")
     assert [own_time(r) for r in rows] == pytest.approx([0.40, 0.45, 0.95], abs=1e-12)
     metrics, lines = rank_time_report(rows, ["a", "b", "c"], factor=1.5)
     assert metrics["rank_time/slowest_rank"] == 2 and metrics["rank_time/stragglers"] == 1
@@ -27,7 +27,7 @@ def test_the_report_names_ranks_slower_than_the_factor_times_the_median():
     assert metrics["time/data_wait_s"] == pytest.approx(0.05) and metrics["time/collective_wait_s"] == pytest.approx(0.55)
     assert lines == ["rank 2 (host c) is slow: 0.950 s of its own work per step, 2.11x the median 0.450 s "
                      "(logging.straggler_factor=1.5); data wait 0.300 s, compute 0.600 s, optimizer 0.100 s, "
-                     "checkpoint 0.000 s, collective wait 0.050 s"]
+                     "checkpoint 0.000 s, collective wait 0.050 s, evaluation 0.200 s"]
     assert rank_time_report(rows, ["a", "b", "c"], factor=2.2)[1] == []  # 2.11x is not above 2.2x
 
 

@@ -98,14 +98,29 @@ def test_tp2_reproduces_tp1(layout_run, reference_run):
     _assert_close(_losses(run_dir), _losses(reference_run), 2e-5)
 
 
+PROFILED = {"lucid::step_3", "lucid::data", "lucid::forward", "lucid::backward", "lucid::solve",
+            "lucid::solve_backward", "lucid::deepspeed_step"}
+CP_PROFILED = {"a2a": {"lucid::cp_all_to_all"},
+               "p2p": {"lucid::cp_ring_send_recv", "lucid::cp_ring_wait", "lucid::solve_earlier",
+                       "lucid::solve_backward_earlier"}}
+
+
 @pytest.mark.parametrize("mode", ["a2a", "p2p"])
 def test_cp2_reproduces_cp1(config, reference_run, tmp_path, mode):
-    """Context parallelism (2 ranks, zigzag split of every document) with ZeRO-1: the same loss curve."""
+    """Context parallelism (2 ranks, zigzag split of every document) with ZeRO-1: the same loss curve. Step 3 is
+    profiled (train.profile_steps): each rank's Chrome trace names our ranges, and the curve is unchanged."""
     run_dir = tmp_path / "run"
     result = run_train(config, run_dir, nproc=2, overrides=[
-        "train.steps=6", "parallel.context_parallel_size=2", f"parallel.cp_comm_type={mode}", "train.zero_stage=1"])
+        "train.steps=6", "parallel.context_parallel_size=2", f"parallel.cp_comm_type={mode}", "train.zero_stage=1",
+        'train.profile_steps="3-3"'])
     assert "DP 1 x CP 2 x TP 1" in result.stdout
     _assert_close(_losses(run_dir), _losses(reference_run), 2e-5)
+    assert f"profile of steps 3-3 written to {run_dir / 'profile' / 'steps_3-3'}" in result.stdout
+    for rank in (0, 1):
+        trace = json.loads((run_dir / "profile" / "steps_3-3" / f"rank_{rank}.trace.json").read_text())
+        names = {event.get("name") for event in trace["traceEvents"]}
+        assert PROFILED | CP_PROFILED[mode] <= names, (PROFILED | CP_PROFILED[mode]) - names
+        assert "lucid::step_2" not in names and "lucid::step_4" not in names
 
 
 def test_context_parallel_4_as_2x2_a2a_p2p_matches_the_reference_curve(config, reference_run, tmp_path):
@@ -268,8 +283,12 @@ def test_tensorboard_events_hold_the_scalars(layout_run):
     tags = set(events.Tags()["scalars"])
     expected = {"train/loss", "valid/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
                 "perf/memory_gib", "layout/zero_stage", "layout/world_size", "layout/data_parallel",
-                "layout/tensor_parallel", "layout/context_parallel"}
+                "layout/tensor_parallel", "layout/context_parallel", "perf/tflops_per_gpu", "perf/hardware_tflops_per_gpu",
+                "perf/tokens_per_s_per_gpu", "perf/rank_time/slowest_s", "perf/time/compute_s", "perf/time/evaluation_s"}
     assert expected <= tags, expected - tags
+    for record in train_records(run_dir).values():  # logged every step: the interval is that step
+        assert record["tokens_per_s_per_gpu"] == record["tokens_per_s"] / 2
+        assert 0 < record["tflops_per_gpu"] < record["hardware_tflops_per_gpu"] and "mfu" not in record  # CPU
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == pytest.approx(_losses(run_dir), rel=1e-6)  # TensorBoard stores float32
     assert [e.step for e in events.Scalars("valid/loss")] == [2, 4, 6]

@@ -113,10 +113,14 @@ class ModelStepTiming:
     lucid_peak_gib: float
     ratio: float  # LUCID / softmax
     lucid_tokens_per_s: float
+    lucid_tflops: float  # model FLOPs of the LUCID step (model/flops.py) per second, in TFLOP/s
+    lucid_mfu: float | None  # against the device's dense bf16 peak; None where it is not known (CPU)
 
     def row(self) -> str:
+        mfu = f"{self.lucid_mfu:.1%}" if self.lucid_mfu is not None else "-"
         return (f"| {self.model} | {self.tokens} | {self.softmax_ms:.1f} | {self.lucid_ms:.1f} | {self.ratio:.2f} "
-                f"| {self.lucid_tokens_per_s:.0f} | {self.softmax_peak_gib:.2f} | {self.lucid_peak_gib:.2f} |")
+                f"| {self.lucid_tokens_per_s:.0f} | {self.lucid_tflops:.3g} | {mfu} | {self.softmax_peak_gib:.2f} "
+                f"| {self.lucid_peak_gib:.2f} |")
 
 
 def _model_step(runtime: Runtime, preset: str, tokens: int, lucid_layers: str) -> tuple[float, float]:
@@ -150,11 +154,21 @@ def _model_step(runtime: Runtime, preset: str, tokens: int, lucid_layers: str) -
 
 
 def time_model_step(runtime: Runtime, preset: str, tokens: int) -> ModelStepTiming:
+    import torch
+
+    from lucid_megatron.config import load_model_config
+    from lucid_megatron.model.flops import peak_flops, step_flops
+
     softmax_ms, softmax_peak = _model_step(runtime, preset, tokens, "none")
     lucid_ms, lucid_peak = _model_step(runtime, preset, tokens, "all")
+    cfg = load_model_config(preset, {"lucid_layers": "all", "max_seq_len": max(tokens, 2048)})
+    tflops = step_flops(cfg, [tokens]).model_total / (lucid_ms / 1e3) / 1e12
+    device = runtime.device
+    peak = peak_flops(torch.cuda.get_device_name(device), bf16=True) if device.type == "cuda" else None
     return ModelStepTiming(model=preset, tokens=tokens, softmax_ms=softmax_ms, softmax_peak_gib=softmax_peak,
                            lucid_ms=lucid_ms, lucid_peak_gib=lucid_peak, ratio=lucid_ms / softmax_ms,
-                           lucid_tokens_per_s=tokens / (lucid_ms / 1e3))
+                           lucid_tokens_per_s=tokens / (lucid_ms / 1e3), lucid_tflops=tflops,
+                           lucid_mfu=None if peak is None else tflops * 1e12 / peak)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -172,8 +186,9 @@ class TimingsResult(Result):
                       *[r.row() for r in self.preconditioner], ""]
         if self.models:
             lines += ["## e2. model step (forward+backward, batch 1): LUCID vs softmax", "",
-                      "| model | tokens | softmax ms | LUCID ms | LUCID / softmax | LUCID tokens/s | softmax peak GiB "
-                      "| LUCID peak GiB |", "|---|---|---|---|---|---|---|---|", *[r.row() for r in self.models], ""]
+                      "| model | tokens | softmax ms | LUCID ms | LUCID / softmax | LUCID tokens/s | LUCID TFLOP/s "
+                      "| LUCID MFU | softmax peak GiB | LUCID peak GiB |", "|---" * 10 + "|",
+                      *[r.row() for r in self.models], ""]
         if self.skipped:
             lines += [f"not timed (budget): {', '.join(self.skipped)}", ""]
         return "\n".join(lines)
