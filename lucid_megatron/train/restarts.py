@@ -104,14 +104,16 @@ def _describe_exit(entry: dict) -> str:
 
 
 def _latest_checkpoint(run_dir: Path) -> tuple[int, float] | None:
-    """(step, time it was published) of the newest complete checkpoint (``step_XXXXXXXX/COMPLETE``), or None."""
-    found = []
-    for path in (Path(run_dir) / "checkpoints").glob("step_" + "[0-9]" * 8):
-        try:
-            found.append((int(path.name[5:]), (path / "COMPLETE").stat().st_mtime))
-        except OSError:  # not complete
-            continue
-    return max(found, default=None)
+    """(step, time it was published) of the checkpoint ``--resume auto`` starts from, or None (no checkpoint)."""
+    from lucid_megatron.checkpoint import Checkpointer, read_state  # Megatron's import: only after a failure
+
+    latest = Checkpointer(Path(run_dir) / "checkpoints").latest()
+    if latest is None:
+        return None
+    try:
+        return int(read_state(latest)["step"]), (latest / "COMPLETE").stat().st_mtime
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_failure(run_dir: Path, started: float, exit_code: int) -> Failure:

@@ -53,7 +53,7 @@ from .run_state import DataPositions, DataRecord, LayoutRecord, RunState, Tokeni
 from . import status
 from .schedule import LRSchedule, gradient_accumulation_steps
 from .signals import PreemptionFlag
-from .step_times import StepTimes, gather_rows, rank_time_report
+from .step_times import COLUMNS, StepTimes, gather_rows, rank_time_report
 from .validate import ResumePlan, check_dataset, check_resume, open_dataset, split_world
 
 
@@ -393,7 +393,7 @@ class Trainer:
                 / self.layout.world_size,
                 "step_time_s": elapsed, "memory_gib": _memory_gib(self.runtime.device),
                 "nonfinite_steps": state.progress.nonfinite_steps, "skipped": result.skipped, "data_digest": digest,
-                **self._mixture_metrics(step), **self._rank_times(step), **self._throughput(),
+                **self._mixture_metrics(step), **self._gathered_metrics(step),
             })
         if not result.skipped:  # after the metrics line: the step's finite loss is on record
             self._check_weights_finite(step, "the update overflowed" + (" although the loss was finite"
@@ -449,30 +449,26 @@ class Trainer:
         share = self.layout.tensor_parallel * self.layout.context_parallel
         return StepFlops(*({k: v / share for k, v in d.items()} for d in (flops.forward, flops.model, flops.hardware)))
 
-    def _throughput(self) -> dict[str, float]:
-        """TFLOP/s per GPU (model FLOPs, and hardware FLOPs with recomputation), MFU against the device's peak
-        (left out where the peak is unknown, e.g. on CPU) and tokens/s per GPU, since the last logged step
-        (collective: the FLOPs summed over every rank)."""
-        model, hardware, seconds = self.since_logged
-        totals = self.runtime.host(self.runtime.all_reduce(self.runtime.tensor([model, hardware])))
-        self.since_logged = [0.0, 0.0, 0.0]
-        world, device = self.layout.world_size, self.runtime.device
-        per_gpu = [total / world / max(seconds, 1e-12) / 1e12 for total in totals]
-        values = {"tflops_per_gpu": per_gpu[0], "hardware_tflops_per_gpu": per_gpu[1]}
-        bf16 = params_dtype(self.cfg.train.precision, device) == torch.bfloat16
-        peak = peak_flops(torch.cuda.get_device_name(device), bf16) if device.type == "cuda" else None
-        if peak is not None:
-            values["mfu"] = per_gpu[0] * 1e12 / peak
-        return values
-
-    def _rank_times(self, step: int) -> dict[str, float]:
-        """Every rank's step times since the last logged step (collective); the slow ones named on the console."""
+    def _gathered_metrics(self, step: int) -> dict[str, float]:
+        """Since the last logged step, in one all-gather: every rank's step times (the slow ones named on the
+        console) and FLOPs, which give TFLOP/s per GPU (model FLOPs, and hardware FLOPs with recomputation), MFU
+        against the device's peak (left out where it is unknown, e.g. on CPU)."""
         started = time.perf_counter()
-        rows = gather_rows(self.step_times.take(), self.runtime.device)
-        metrics, slow = rank_time_report(rows, self.hosts, self.cfg.logging.straggler_factor)
+        model, hardware, seconds = self.since_logged
+        self.since_logged = [0.0, 0.0, 0.0]
+        rows = gather_rows(self.step_times.take() + [model, hardware], self.runtime.device)
+        width = len(COLUMNS)
+        metrics, slow = rank_time_report([row[:width] for row in rows], self.hosts, self.cfg.logging.straggler_factor)
         for line in slow:
             _say(f"step {step}: {line}")
         metrics["rank_time/gather_s"] = time.perf_counter() - started  # what the gauge costs (benchmarks/)
+        world, device = self.layout.world_size, self.runtime.device
+        per_gpu = [sum(row[width + i] for row in rows) / world / max(seconds, 1e-12) / 1e12 for i in (0, 1)]
+        metrics.update(tflops_per_gpu=per_gpu[0], hardware_tflops_per_gpu=per_gpu[1])
+        bf16 = params_dtype(self.cfg.train.precision, device) == torch.bfloat16
+        peak = peak_flops(torch.cuda.get_device_name(device), bf16) if device.type == "cuda" else None
+        if peak is not None:
+            metrics["mfu"] = per_gpu[0] * 1e12 / peak
         return metrics
 
     # ---- a mixture's sources ---------------------------------------------------------------------
