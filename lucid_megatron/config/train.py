@@ -14,6 +14,7 @@ from typing import Literal
 
 import yaml
 
+from lucid_megatron.data.mqar import MqarTask
 from lucid_megatron.data.synth import RetrievalTask
 
 from .model import MODEL_PRESET_DIR, ModelConfig, model_preset_names
@@ -25,15 +26,20 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # training configs
 
 @dataclasses.dataclass
 class SynthConfig:
-    """Generate the synthetic retrieval dataset at ``data.path`` when it does not exist yet."""
+    """Generate the synthetic dataset at ``data.path`` when it does not exist yet: the retrieval ``task``, or
+    multi-query associative recall when ``mqar`` is set (then ``task`` must be left out)."""
 
     task: RetrievalTask = dataclasses.field(default_factory=RetrievalTask)
+    mqar: MqarTask | None = None
     train_docs: int = 20000
     valid_docs: int = 200
     docs_per_shard: int = 1000
     seed: int = 0
 
     def validate(self) -> None:
+        if self.mqar is not None and self.task != RetrievalTask():
+            raise ConfigError("task and mqar are both set: give one (mqar writes the MQAR dataset, task the "
+                              "retrieval one)")
         for name in ("train_docs", "valid_docs", "docs_per_shard"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -350,7 +356,8 @@ class TrainConfig:
         """The retrieval task final_eval asks: its own ``task``, else the synthetic data's (None: neither)."""
         if self.final_eval is None:
             return None
-        return self.final_eval.task or (self.data.synth.task if self.data.synth is not None else None)
+        trained = self.data.synth.task if self.data.synth is not None and self.data.synth.mqar is None else None
+        return self.final_eval.task or trained
 
     def validate(self) -> None:
         try:
@@ -371,8 +378,8 @@ class TrainConfig:
             task = self.final_eval_task()
             if task is None:
                 raise ConfigError(
-                    "final_eval.task: required when data.synth is not set (the retrieval task to ask, e.g. "
-                    "{num_needles: 4, num_queries: 2})"
+                    "final_eval.task: required when data.synth is not set or writes MQAR (the retrieval task to "
+                    "ask, e.g. {num_needles: 4, num_queries: 2}; score MQAR with lucid eval mqar)"
                 )
             too_short = [n for n in self.final_eval.lengths if n < task.minimum_length()]
             if too_short:

@@ -10,9 +10,11 @@ DEFAULT_TASK = {"min_len": 256, "max_len": 512, "num_needles": 4, "num_queries":
 TASK_HELP = {
     "num_needles": "distinct keys per document",
     "num_queries": "keys asked at the end (the others are distractors)",
-    "updates": "assignments per key, each changing its value; >1 is the key-update task (answer: the latest value)",
-    "key_vocab": "letters keys are drawn from (1-26)",
-    "value_vocab": "digits values are drawn from (1-10)",
+    "updates": "assignments per key (mqar: at most, 1-updates uniformly), each changing its value; >1 is the "
+               "key-update task (answer: the latest value)",
+    "key_vocab": "retrieval: letters keys are drawn from (1-26); mqar: keys are token ids 0..key_vocab-1 (default 64)",
+    "value_vocab": "retrieval: digits values are drawn from (1-10); mqar: values are the next value_vocab token ids "
+                   "(default 64)",
     "filler_words": "size of the haystack's word list (the distractor words between assignments)",
     "template": "'sentence' (' key A is 3.' / ' what is A? 3.') or 'compact' (' A3' / ' ?A3')",
 }
@@ -20,25 +22,54 @@ MAX_TASK_SIZE = 1 << 20  # keys, queries, assignments, characters: RetrievalTask
 MAX_DOCS_PER_SHARD = 10**7
 
 
+MQAR_HELP = {"min_pairs": "fewest key-value pairs (distinct keys) in a document", "max_pairs": "most of them"}
+
+
 def _task_options(parser) -> None:
-    """One option per RetrievalTask field (the task checks how they combine)."""
+    """One option per RetrievalTask and MqarTask field, default None = the task's own default (each task
+    checks its values and how they combine; an option of the other task is refused)."""
     from .synth import MAX_FILLER_WORDS, TEMPLATES
 
     task_size = cli_args.positive_int(MAX_TASK_SIZE)
     length = cli_args.positive_int(cli_args.MAX_TOKENS)
-    types = {"min_len": length, "max_len": length, "filler_words": cli_args.positive_int(MAX_FILLER_WORDS),
-             "key_vocab": cli_args.positive_int(26), "value_vocab": cli_args.positive_int(10)}
-    for name, default in DEFAULT_TASK.items():
+    types = {"min_len": length, "max_len": length, "filler_words": cli_args.positive_int(MAX_FILLER_WORDS)}
+    parser.add_argument("--task", choices=["retrieval", "mqar"], default="retrieval",
+                        help="'retrieval' (keys and values as text in a haystack of words; the default) or 'mqar' "
+                             "(multi-query associative recall: single-token keys and values, docs/data.md)")
+    for name in DEFAULT_TASK:
         kind = {"choices": list(TEMPLATES)} if name == "template" else {"type": types.get(name, task_size)}
-        parser.add_argument("--" + name.replace("_", "-"), default=default, help=TASK_HELP.get(name), **kind)
+        parser.add_argument("--" + name.replace("_", "-"), default=None, help=TASK_HELP.get(name), **kind)
+    for name, text in MQAR_HELP.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=task_size, default=None, help=text)
+
+
+def task_from_args(args):
+    """The RetrievalTask or MqarTask of ``lucid data synth``'s options (ValueError naming a misplaced option)."""
+    from .mqar import MqarTask
+    from .synth import RetrievalTask
+
+    fields = MQAR_FIELDS if args.task == "mqar" else list(DEFAULT_TASK)
+    foreign = [name for name in [*DEFAULT_TASK, *MQAR_HELP] if name not in fields and getattr(args, name) is not None]
+    if foreign:
+        allowed = " ".join("--" + f.replace("_", "-") for f in fields)
+        raise ValueError(f"--task {args.task} does not take {', '.join('--' + f.replace('_', '-') for f in foreign)}; "
+                         f"its options: {allowed}")
+    given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    if args.task == "mqar":
+        return MqarTask(**given)
+    return RetrievalTask(**{**DEFAULT_TASK, **given})
+
+
+MQAR_FIELDS = ["min_pairs", "max_pairs", "key_vocab", "value_vocab", "updates"]
 
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     synth = sub.add_parser("synth", help="write the synthetic long-context retrieval dataset",
-                           description="Write the synthetic key->value retrieval dataset (with answer masks): needle "
-                                       "retrieval, or key update with --updates > 1.")
+                           description="Write a synthetic key->value recall dataset (with answer masks): needle "
+                                       "retrieval (--task retrieval), or multi-query associative recall (--task "
+                                       "mqar); either becomes key update with --updates > 1.")
     synth.add_argument("out_dir", metavar="OUT_DIR", type=cli_args.output_dir(),
                        help="new (or empty) dataset directory")
     synth.add_argument("--train-docs", type=cli_args.positive_int(cli_args.MAX_COUNT), default=8192)
@@ -82,25 +113,26 @@ def _report(manifest) -> None:
         print(f"  {name:6s} {len(info.shards):5d} shards {info.documents:10d} documents {info.tokens:12d} tokens")
 
 
-def _check_synth_memory(args) -> None:
+def _check_synth_memory(args, task) -> None:
     """One document at a time is generated and written: refuse a --max-len whose document cannot fit."""
     from lucid_megatron import memory_estimate as mem
 
     if args.ignore_memory_check:
         return
-    estimate = mem.MemoryEstimate({"document": mem.documents_bytes(documents=1, length=args.max_len)})
-    mem.check_fits(estimate, what=f"lucid data synth with --max-len {args.max_len}")
+    longest = task.max_length() if args.task == "mqar" else task.max_len
+    estimate = mem.MemoryEstimate({"document": mem.documents_bytes(documents=1, length=longest)})
+    mem.check_fits(estimate, what=f"lucid data synth with documents of up to {longest} tokens")
 
 
 def _synth(args):
     from lucid_megatron.atomic import check_output_dir
 
     from .prepare import load_prepare_tokenizer
-    from .synth import RetrievalTask, write_synth_dataset
+    from .synth import write_synth_dataset
 
     check_output_dir(args.out_dir, label="OUT_DIR")
-    task = RetrievalTask(**{name: getattr(args, name) for name in DEFAULT_TASK})
-    _check_synth_memory(args)
+    task = task_from_args(args)
+    _check_synth_memory(args, task)
     tokenizer = load_prepare_tokenizer(args.tokenizer)  # a directory that does not load: one line, exit 2
     return write_synth_dataset(args.out_dir, task, train_docs=args.train_docs, valid_docs=args.valid_docs,
                                docs_per_shard=args.docs_per_shard, seed=args.seed, tokenizer=tokenizer)

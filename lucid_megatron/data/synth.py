@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lucid_megatron.atomic import staged_directory
+from .mqar import MqarTask, generate_mqar_document
 from .shards import ShardWriter, read_manifest, write_manifest
 from .tokenizer import ByteTokenizer, load_tokenizer
 
@@ -209,9 +210,10 @@ def generate_retrieval_document(rng: np.random.Generator, task: RetrievalTask, t
     return np.asarray(tokens, dtype=np.int32), np.asarray(mask, dtype=np.uint8), meta
 
 
-def write_synth_dataset(out_dir, task: RetrievalTask, *, train_docs: int, valid_docs: int, docs_per_shard: int,
-                        seed: int, tokenizer):
-    """Write a train and a valid split of retrieval documents plus the manifest; returns the Manifest.
+def write_synth_dataset(out_dir, task: RetrievalTask | MqarTask, *, train_docs: int, valid_docs: int,
+                        docs_per_shard: int, seed: int, tokenizer):
+    """Write a train and a valid split of retrieval (or MQAR, see ``mqar.py``) documents plus the manifest;
+    returns the Manifest.
 
     Same arguments -> byte-identical shards: split ``i`` draws from ``default_rng([seed, i])``.
     ``out_dir`` must be absent or empty (anything else is refused before a document is drawn); it appears only
@@ -221,37 +223,61 @@ def write_synth_dataset(out_dir, task: RetrievalTask, *, train_docs: int, valid_
     for name, value, low in (("train_docs", train_docs, 1), ("valid_docs", valid_docs, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
-    needed = task.minimum_length(tokenizer)
-    if task.min_len < needed:
-        raise ValueError(f"RetrievalTask.min_len={task.min_len} cannot hold the needles and queries with "
-                         f"tokenizer {tokenizer.name}; the minimum is {needed}")
+    if isinstance(task, MqarTask):
+        task.check_tokenizer(tokenizer)
+        generate, kind = generate_mqar_document, "mqar"
+    else:
+        needed = task.minimum_length(tokenizer)
+        if task.min_len < needed:
+            raise ValueError(f"RetrievalTask.min_len={task.min_len} cannot hold the needles and queries with "
+                             f"tokenizer {tokenizer.name}; the minimum is {needed}")
+        generate, kind = generate_retrieval_document, "retrieval"
     splits = {}
     with staged_directory(out_dir) as staging:
         for index, (split, count) in enumerate((("train", train_docs), ("valid", valid_docs))):
             rng = np.random.default_rng([seed, index])
             with ShardWriter(staging, split, docs_per_shard) as writer:
                 for _ in range(count):
-                    tokens, mask, _ = generate_retrieval_document(rng, task, tokenizer)
+                    tokens, mask, _ = generate(rng, task, tokenizer)
                     writer.add(tokens, mask)
             splits[split] = writer.info
-        source = {"command": "lucid data synth", "task": dataclasses.asdict(task), "seed": seed,
+        source = {"command": "lucid data synth", "kind": kind, "task": dataclasses.asdict(task), "seed": seed,
                   "train_docs": train_docs, "valid_docs": valid_docs, "docs_per_shard": docs_per_shard}
         write_manifest(staging, tokenizer, True, splits, source)
     return read_manifest(out_dir)
 
 
+def synth_mismatch(data) -> str | None:
+    """Why the synthetic dataset at ``data.path`` is not the one ``data.synth`` configures (None: it is, or
+    no ``lucid data synth`` dataset is there)."""
+    path = Path(data.path)
+    if data.synth is None or not (path / "manifest.json").exists():
+        return None
+    wanted = dataclasses.asdict(data.synth.mqar or data.synth.task)
+    source = read_manifest(path).source or {}
+    if source.get("command") == "lucid data synth" and source.get("task") != wanted:
+        return (f"data.path {str(path)!r} holds a synthetic dataset of task {source.get('task')}, not the configured "
+                f"data.synth {wanted}: give another data.path")
+    return None
+
+
 def ensure_synth_dataset(data, say=print) -> bool:
     """Write the synthetic dataset a run's ``data`` section configures (``data.synth``) at ``data.path``, if
-    configured and not there yet; True if it wrote it.  Call it from one process only."""
+    configured and not there yet; True if it wrote it.  A dataset already there that ``lucid data synth`` wrote
+    for another task is refused (ValueError naming both), not trained on.  Call it from one process only."""
     from .tokenizer import ByteTokenizer
 
     if data.synth is None:  # nothing to write (a mixture, data.sources, has no data.path)
         return False
     path = Path(data.path)
-    if (path / "manifest.json").exists():
-        return False
     s = data.synth
-    say(f"writing the synthetic retrieval dataset to {path} ({s.train_docs} train documents)")
-    write_synth_dataset(path, s.task, train_docs=s.train_docs, valid_docs=s.valid_docs,
+    task = s.mqar or s.task
+    if (path / "manifest.json").exists():
+        mismatch = synth_mismatch(data)
+        if mismatch:
+            raise ValueError(mismatch)
+        return False
+    say(f"writing the synthetic {'MQAR' if s.mqar else 'retrieval'} dataset to {path} ({s.train_docs} train documents)")
+    write_synth_dataset(path, task, train_docs=s.train_docs, valid_docs=s.valid_docs,
                         docs_per_shard=s.docs_per_shard, seed=s.seed, tokenizer=ByteTokenizer())
     return True

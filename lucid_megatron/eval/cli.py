@@ -1,8 +1,10 @@
-"""``lucid eval niah | ppl | scalars``.
+"""``lucid eval niah | mqar | ppl | scalars``.
 
     lucid eval niah (--checkpoint C | --hf DIR) [...] --lengths 256 512 1024 [--needles 4 --queries 2]
                     [--num-samples 100 --seed 0 --batch-size 8] [--out results.json] [--plot plot.png]
                     [--tensor-parallel-size T --context-parallel-size C [--cp-comm-type p2p]]
+    lucid eval mqar (--checkpoint C | --hf DIR) [...] --pairs 8 16 32 [--key-vocab 64 --value-vocab 64
+                    --updates 1] [the sampling, output and layout options of niah]
     lucid eval ppl --checkpoint C --data DIR [--split valid --seq-length L --rows N --bucket-size B] [...]
     lucid eval scalars RUN_DIR [--out PNG]      (a training run's TensorBoard scalars; default RUN_DIR/scalars.png)
 
@@ -50,24 +52,46 @@ def _task_args(niah) -> None:
     niah.add_argument("--filler-words", type=cli_args.positive_int(MAX_FILLER_WORDS), default=64)
 
 
+def _model_args(parser) -> None:
+    parser.add_argument("--checkpoint", action="append", default=[], type=cli_args.input_dir(),
+                        help="Megatron checkpoint (repeatable)")
+    parser.add_argument("--hf", action="append", default=[], type=cli_args.input_dir(),
+                        help="Hugging Face model directory (repeatable)")
+    parser.add_argument("--label", action="append", default=[], help="names for the models, in the order given")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let --hf directories run their own Python code (auto_map); only for directories you "
+                             "trust")
+
+
+def _sampling_args(parser, samples_help: str, plot_help: str) -> None:
+    parser.add_argument("--num-samples", type=cli_args.positive_int(10**6), default=100, help=samples_help)
+    parser.add_argument("--batch-size", type=cli_args.positive_int(cli_args.MAX_BATCH), default=8)
+    parser.add_argument("--seed", type=cli_args.seed(), default=0)
+    parser.add_argument("--out", type=cli_args.output_file(), help="JSON results (default: print only)")
+    parser.add_argument("--plot", type=cli_args.output_file(), help=plot_help)
+
+
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="eval_command", metavar="{niah,ppl,scalars}", required=True)
+    sub = parser.add_subparsers(dest="eval_command", metavar="{niah,mqar,ppl,scalars}", required=True)
     niah = sub.add_parser("niah", help="single/multi-needle retrieval accuracy vs context length")
-    niah.add_argument("--checkpoint", action="append", default=[], type=cli_args.input_dir(),
-                      help="Megatron checkpoint (repeatable)")
-    niah.add_argument("--hf", action="append", default=[], type=cli_args.input_dir(),
-                      help="Hugging Face model directory (repeatable)")
-    niah.add_argument("--label", action="append", default=[], help="names for the models, in the order given")
-    niah.add_argument("--trust-remote-code", action="store_true",
-                      help="let --hf directories run their own Python code (auto_map); only for directories you trust")
+    _model_args(niah)
     niah.add_argument("--lengths", type=cli_args.positive_int(cli_args.MAX_TOKENS), nargs="+", required=True)
     _task_args(niah)
-    niah.add_argument("--num-samples", type=cli_args.positive_int(10**6), default=100, help="documents per length")
-    niah.add_argument("--batch-size", type=cli_args.positive_int(cli_args.MAX_BATCH), default=8)
-    niah.add_argument("--seed", type=cli_args.seed(), default=0)
-    niah.add_argument("--out", type=cli_args.output_file(), help="JSON results (default: print only)")
-    niah.add_argument("--plot", type=cli_args.output_file(), help="PNG of exact match vs length")
+    _sampling_args(niah, "documents per length", "PNG of exact match vs length")
     _parallel_args(niah)
+
+    mqar = sub.add_parser("mqar", help="multi-query associative recall (and key update) vs number of pairs")
+    _model_args(mqar)
+    mqar.add_argument("--pairs", type=cli_args.positive_int(MAX_TASK_SIZE), nargs="+", required=True,
+                      help="key-value pairs per document (distinct keys), one evaluation each")
+    mqar.add_argument("--key-vocab", type=cli_args.positive_int(MAX_TASK_SIZE), default=64,
+                      help="keys are token ids 0..key_vocab-1 (as trained)")
+    mqar.add_argument("--value-vocab", type=cli_args.positive_int(MAX_TASK_SIZE), default=64,
+                      help="values are the next value_vocab token ids (as trained)")
+    mqar.add_argument("--updates", type=cli_args.positive_int(MAX_TASK_SIZE), default=1,
+                      help="most assignments of one key (1-updates, uniformly); >1 is key update")
+    _sampling_args(mqar, "documents per number of pairs", "PNG of exact match vs pairs")
+    _parallel_args(mqar)
 
     ppl = sub.add_parser("ppl", help="validation loss/perplexity by position bucket")
     ppl.add_argument("--checkpoint", required=True, type=cli_args.input_dir())
@@ -205,7 +229,8 @@ def _check_memory(args, shapes, *, rows: int, length: int, documents: int) -> No
                what=f"lucid eval {args.eval_command} with {rows} x {length} tokens per forward pass")
 
 
-def _niah_preflight(args) -> None:
+def _check_models(args, length: int) -> None:
+    """The --checkpoint / --hf models, their labels and layout, and the memory to score documents of ``length``."""
     models = len(args.checkpoint) + len(args.hf)
     if not models:
         raise ValueError("give at least one --checkpoint or --hf")
@@ -214,20 +239,44 @@ def _niah_preflight(args) -> None:
     if args.hf and args.tensor_parallel_size * args.context_parallel_size > 1:
         raise ValueError("Hugging Face models (--hf) are evaluated in one process: leave --tensor-parallel-size "
                          "and --context-parallel-size at 1")
+    shapes = [_checkpoint_shape(path, args) for path in args.checkpoint] + [_hf_shape(path) for path in args.hf]
+    from lucid_megatron.convert.hf_io import check_hf_model_dir
+
+    for path in args.hf:  # weights present, with the shapes config.json implies
+        check_hf_model_dir(path, trust_remote_code=args.trust_remote_code)
+    _check_memory(args, shapes, rows=min(args.batch_size, args.num_samples), length=length,
+                  documents=args.num_samples)
+
+
+def _niah_preflight(args) -> None:
     task = task_from_args(args)
     too_short = [n for n in args.lengths if n < task.minimum_length()]
     if too_short:
         raise ValueError(f"--lengths {too_short} cannot hold {args.needles} keys x {args.updates} assignments and "
                          f"{args.queries} queries; the minimum is {task.minimum_length()} tokens")
     _check_context_parallel_lengths(args.lengths, "--lengths", args.context_parallel_size)
-    shapes = [_checkpoint_shape(path, args) for path in args.checkpoint] + [_hf_shape(path) for path in args.hf]
-    from lucid_megatron.convert.hf_io import check_hf_model_dir
+    _check_models(args, max(args.lengths))
 
-    for path in args.hf:  # weights present, with the shapes config.json implies
-        check_hf_model_dir(path, trust_remote_code=args.trust_remote_code)
-    length = max(args.lengths)
-    _check_memory(args, shapes, rows=min(args.batch_size, args.num_samples), length=length,
-                  documents=args.num_samples)
+
+def mqar_task_from_args(args):
+    """The MqarTask the mqar options describe (its training range is the largest --pairs: not used here)."""
+    from lucid_megatron.data.mqar import MqarTask
+    from lucid_megatron.data.tokenizer import ByteTokenizer
+
+    too_many = [n for n in args.pairs if n > args.key_vocab]
+    if too_many:
+        raise ValueError(f"--pairs {too_many} exceed --key-vocab {args.key_vocab}: each pair needs its own key")
+    task = MqarTask(min_pairs=1, max_pairs=max(args.pairs), key_vocab=args.key_vocab,
+                    value_vocab=args.value_vocab, updates=args.updates)
+    task.check_tokenizer(ByteTokenizer())
+    return task
+
+
+def _mqar_preflight(args) -> None:
+    task = mqar_task_from_args(args)
+    lengths = [task.max_length(n) for n in args.pairs]
+    _check_context_parallel_lengths([task.max_length(min(args.pairs))], "--pairs", args.context_parallel_size)
+    _check_models(args, max(lengths))
 
 
 def _ppl_preflight(args) -> None:
@@ -253,25 +302,19 @@ def _split_shards(manifest, split: str) -> int:
 def preflight(args) -> None:
     """Everything that can be checked before any worker starts (raises one of cli_args.BAD_INPUT_ERRORS)."""
     _check_outputs(args)
-    {"niah": _niah_preflight, "ppl": _ppl_preflight}[args.eval_command](args)
+    {"niah": _niah_preflight, "mqar": _mqar_preflight, "ppl": _ppl_preflight}[args.eval_command](args)
 
 
 # ------------------------------------------------------------------------------------------ the work
 
 
-def _niah(args) -> int:
-    from lucid_megatron.eval import niah
+def _scored_models(args, evaluate):
+    """``{label: evaluate(scorer)}`` for every --checkpoint and --hf model, one after the other."""
     from lucid_megatron.eval.scorers import HFScorer, MegatronScorer
 
     models = [("checkpoint", c) for c in args.checkpoint] + [("hf", h) for h in args.hf]
     labels = args.label or [Path(path).name if Path(path).name not in ("checkpoints", "") else str(path)
                             for _, path in models]
-    task = task_from_args(args)
-    results = {"task": {"needles": args.needles, "queries": args.queries, "updates": args.updates,
-                        "key_len": args.key_len, "value_len": args.value_len, "key_vocab": args.key_vocab,
-                        "value_vocab": args.value_vocab, "template": args.template,
-                        "filler_words": args.filler_words, "num_samples": args.num_samples, "seed": args.seed,
-                        "lengths": args.lengths}, "models": {}}
     for label, (kind, path) in zip(labels, models):
         if kind == "hf":
             scorer = HFScorer(path, trust_remote_code=args.trust_remote_code)
@@ -279,10 +322,40 @@ def _niah(args) -> int:
             scorer = MegatronScorer(path, tp=args.tensor_parallel_size, cp=args.context_parallel_size,
                                     cp_comm_type=args.cp_comm_type)
         try:
-            by_length = niah.evaluate(scorer, task, args.lengths, num_samples=args.num_samples, seed=args.seed,
-                                      batch_size=args.batch_size)
+            yield label, evaluate(scorer)
         finally:
             scorer.close()
+
+
+def _mqar(args) -> int:
+    from lucid_megatron.eval import mqar
+
+    task = mqar_task_from_args(args)
+    results = {"task": {"pairs": args.pairs, "key_vocab": args.key_vocab, "value_vocab": args.value_vocab,
+                        "updates": args.updates, "num_samples": args.num_samples, "seed": args.seed},
+               "models": {}}
+    for label, by_pairs in _scored_models(args, lambda scorer: mqar.evaluate(
+            scorer, task, args.pairs, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size)):
+        results["models"][label] = by_pairs
+        if _is_writer():
+            cells = "  ".join(f"{n}: {r['exact_match']:.3f} ({r['answer_loss']:.3f} nats)" for n, r in by_pairs.items())
+            print(f"{label}: exact match (answer loss) by pairs  {cells}", flush=True)
+    kind = "MQAR" if args.updates == 1 else f"key update (1-{args.updates} assignments per key)"
+    _write(args, results, lambda r, p, t: mqar.plot(r["models"], p, t), kind)
+    return 0
+
+
+def _niah(args) -> int:
+    from lucid_megatron.eval import niah
+
+    task = task_from_args(args)
+    results = {"task": {"needles": args.needles, "queries": args.queries, "updates": args.updates,
+                        "key_len": args.key_len, "value_len": args.value_len, "key_vocab": args.key_vocab,
+                        "value_vocab": args.value_vocab, "template": args.template,
+                        "filler_words": args.filler_words, "num_samples": args.num_samples, "seed": args.seed,
+                        "lengths": args.lengths}, "models": {}}
+    for label, by_length in _scored_models(args, lambda scorer: niah.evaluate(
+            scorer, task, args.lengths, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size)):
         results["models"][label] = by_length
         if _is_writer():
             cells = "  ".join(f"{n}: {r['exact_match']:.3f} ({r['answer_loss']:.3f} nats)"
@@ -348,7 +421,7 @@ def run(args) -> int:
 
         return run_torchrun(world, args._argv)
     try:
-        return {"niah": _niah, "ppl": _ppl}[args.eval_command](args)
+        return {"niah": _niah, "mqar": _mqar, "ppl": _ppl}[args.eval_command](args)
     except cli_args.BAD_INPUT_ERRORS as err:
         return _fail(str(err), cli_args.exit_code(err))
     except (MemoryError, torch.cuda.OutOfMemoryError) as err:

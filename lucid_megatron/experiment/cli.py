@@ -29,9 +29,9 @@ MAX_STEPS = 10**8
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="experiment_command", metavar="{repro,extend,toy}", required=True)
-    repro = sub.add_parser("repro", help="LUCID vs softmax needle retrieval over conditions and seeds")
+    repro = sub.add_parser("repro", help="LUCID vs softmax over conditions, seeds and tasks (needle retrieval, key update, MQAR)")
     repro.add_argument("experiment", type=cli_args.input_file(),
-                       help="experiment YAML (e.g. configs/repro/experiment.yaml)")
+                       help="experiment YAML (e.g. configs/repro/mqar/experiment.yaml)")
     _run_options(repro, outputs="runs/, results.json, table.md, plots", parallel="runs",
                  overridden="every condition")
     repro.add_argument("--only", nargs="+", help="run only these conditions")
@@ -76,7 +76,7 @@ def _repro(args) -> int:
     eval_overrides = {"num_samples": args.eval_samples} if args.eval_samples else None
     run_experiment(exp, Path(args.out), jobs=args.jobs, only=args.only, seeds=args.seeds, extra=args.overrides,
                    eval_overrides=eval_overrides)
-    print(f"wrote {Path(args.out) / 'table.md'}")
+    print("wrote " + ", ".join(str(task.out(Path(args.out)) / "table.md") for task in exp.tasks.values()))
     return 0
 
 

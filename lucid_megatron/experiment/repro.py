@@ -1,5 +1,7 @@
 """The LUCID vs softmax reproduction: train every condition x seed with ``lucid train``, score each with
-``lucid eval niah``, and aggregate mean and spread over seeds into a table and plots.
+``lucid eval niah`` (``eval:``) or ``lucid eval mqar`` (``eval_mqar:``), and aggregate mean and spread over
+seeds into tables, per-seed JSON and one figure per plot (the metrics at each evaluation point, the
+validation answer loss by step, and for key update the exact match by times the queried key was assigned).
 
 An experiment file names a base training config, the seeds, the evaluation, and the conditions as
 ``--set`` overrides of the base (so every condition is one plain ``lucid train`` command, printed in the
@@ -21,7 +23,35 @@ from typing import Any, Optional
 
 from lucid_megatron import atomic
 from lucid_megatron.config.schema import load_spec_file
-from lucid_megatron.runtime.commands import NiahOptions, niah_command, process_command, shell_text, train_command
+from lucid_megatron.runtime.commands import (MqarOptions, NiahOptions, niah_command, process_command, shell_text,
+                                             train_command)
+
+
+@dataclasses.dataclass
+class Task:
+    """One task of an experiment: what its runs change in the base config and how they are scored."""
+
+    name: str  # "" for a file without ``tasks:`` (its runs and outputs sit directly in --out)
+    title: str  # names the task on the plots
+    overrides: list[str]  # "section.key=value" overrides of the base, before the condition's
+    eval_kind: str  # "niah" (points are context lengths) or "mqar" (points are key-value pairs per document)
+    eval: dict  # the set fields of NiahOptions (`lucid eval niah`) or of MqarOptions (`lucid eval mqar`)
+    init_from_task: str | None = None  # a run starts from the final weights of this task's run (same condition, seed)
+
+    @property
+    def points_key(self) -> str:
+        return "pairs" if self.eval_kind == "mqar" else "lengths"
+
+    def out(self, out: Path) -> Path:
+        return out / self.name if self.name else out
+
+    def result_file(self, run_dir: Path) -> Path:
+        return run_dir / f"{self.eval_kind}.json"
+
+    def eval_arguments(self, run_dir: Path) -> list[str]:
+        """``lucid eval niah`` (or ``mqar``) of the run's latest checkpoint, into RUN_DIR/niah.json (mqar.json)."""
+        options = MqarOptions(**self.eval) if self.eval_kind == "mqar" else NiahOptions(**self.eval)
+        return niah_command(options, checkpoints=[run_dir / "checkpoints"], out=self.result_file(run_dir))
 
 
 @dataclasses.dataclass
@@ -29,30 +59,59 @@ class Experiment:
     base: Path  # the shared training config
     seeds: list[int]
     conditions: dict[str, list[str]]  # name -> "section.key=value" overrides of the base
-    eval: dict  # the set fields of NiahOptions (`lucid eval niah` options): lengths, needles, ... num_samples, seed
-    plots: dict[str, list[str]]  # plot name -> conditions drawn on it
+    tasks: dict[str, Task]  # every condition x seed runs on every task
+    plots: dict[str, list[str]]  # plot name -> conditions drawn on it (one figure per task and plot)
     nproc_per_node: int = 1  # processes per training run (GPUs on a node; 1 on a CPU machine)
-    title: str = "needle retrieval"  # names the task on the plots
 
-    def train_arguments(self, condition: str, seed: int, run_dir: Path, extra: list[str]) -> list[str]:
-        """``lucid train`` of one condition and seed, resuming whatever the run dir already holds."""
-        return train_command(self.base, run_dir, nproc_per_node=self.nproc_per_node, resume="auto",
-                             overrides=[*self.conditions[condition], f"train.seed={seed}", *extra])
+    def overrides(self, task: Task, condition: str, seed: int, extra: list[str]) -> list[str]:
+        return [*task.overrides, *self.conditions[condition], f"train.seed={seed}", *extra]
 
-    def niah_arguments(self, run_dir: Path) -> list[str]:
-        """``lucid eval niah`` of the run's latest checkpoint, into RUN_DIR/niah.json."""
-        return niah_command(NiahOptions(**self.eval), checkpoints=[run_dir / "checkpoints"],
-                            out=run_dir / "niah.json")
+    def train_arguments(self, task: Task, condition: str, seed: int, out: Path, extra: list[str]) -> list[str]:
+        """``lucid train`` of one task, condition and seed, resuming whatever the run dir already holds; a task
+        with ``init_from_task`` starts from that task's final checkpoint of the same condition and seed."""
+        start = []
+        if task.init_from_task is not None:
+            source = self.run_dir(out, self.tasks[task.init_from_task], condition, seed) / "checkpoints"
+            start = [f"checkpoint.init_from={source.resolve()}"]
+        return train_command(self.base, self.run_dir(out, task, condition, seed), nproc_per_node=self.nproc_per_node,
+                             resume="auto", overrides=[*self.overrides(task, condition, seed, extra), *start])
+
+    def run_dir(self, out: Path, task: Task, condition: str, seed: int) -> Path:
+        return task.out(out) / "runs" / condition / f"seed{seed}"
+
+
+@dataclasses.dataclass
+class TaskFile:
+    """One entry of an experiment file's ``tasks:``."""
+
+    title: str
+    overrides: Optional[dict[str, Any]] = None  # {section.key: value} of the base, for every condition
+    eval: Optional[NiahOptions] = None  # lucid eval niah options ...
+    eval_mqar: Optional[MqarOptions] = None  # ... or lucid eval mqar options: exactly one of the two
+    init_from_task: Optional[str] = None  # an earlier task: start from its final weights (same condition and seed)
+
+    def validate(self) -> None:
+        _check_one_eval(self.eval, self.eval_mqar)
+
+
+def _check_one_eval(niah, mqar) -> None:
+    if (niah is None) == (mqar is None):
+        raise ValueError("give exactly one of eval (lucid eval niah options) and eval_mqar (lucid eval mqar options)")
 
 
 @dataclasses.dataclass
 class ExperimentFile:
-    """The schema of an experiment file (validated by ``config.schema.from_dict`` like every config)."""
+    """The schema of an experiment file (validated by ``config.schema.from_dict`` like every config).
+
+    One task: ``title`` and ``eval`` (or ``eval_mqar``) at the top.  Several: ``tasks:``, each with its title,
+    its overrides of the base and its evaluation; every condition then runs on every task."""
 
     base: str  # the shared training config, relative to the experiment file
     seeds: list[int]
     conditions: dict[str, Optional[dict[str, Any]]]  # name -> {section.key: value} overrides of the base
-    eval: NiahOptions
+    eval: Optional[NiahOptions] = None
+    eval_mqar: Optional[MqarOptions] = None
+    tasks: Optional[dict[str, TaskFile]] = None
     plots: Optional[dict[str, list[str]]] = None  # plot name -> conditions drawn on it (default: all in one)
     nproc_per_node: int = 1
     title: str = "needle retrieval"
@@ -62,6 +121,17 @@ class ExperimentFile:
             raise ValueError(f"seeds={self.seeds!r} must be a non-empty list of integers >= 0")
         if not self.conditions:
             raise ValueError("conditions must be a non-empty mapping of name -> overrides")
+        if self.tasks is None:
+            _check_one_eval(self.eval, self.eval_mqar)
+        elif not self.tasks or self.eval is not None or self.eval_mqar is not None:
+            raise ValueError("tasks: give a non-empty mapping of task name -> {title, overrides, eval or eval_mqar}, "
+                             "and no top-level eval / eval_mqar beside it")
+        else:
+            names = list(self.tasks)
+            for i, (name, task) in enumerate(self.tasks.items()):
+                if task.init_from_task is not None and task.init_from_task not in names[:i]:
+                    raise ValueError(f"tasks.{name}.init_from_task={task.init_from_task!r} must name a task listed "
+                                     f"before it; earlier tasks: {names[:i]}")
         if self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node={self.nproc_per_node!r} must be an integer >= 1")
         for name, members in (self.plots or {}).items():
@@ -75,6 +145,13 @@ def _overrides(mapping: dict | None) -> list[str]:
             for key, value in (mapping or {}).items()]
 
 
+def _task(name: str, title: str, overrides: dict | None, niah, mqar, init_from_task: str | None = None) -> Task:
+    options = mqar or niah
+    return Task(name=name, title=title, overrides=_overrides(overrides), eval_kind="mqar" if mqar else "niah",
+                eval={k: v for k, v in dataclasses.asdict(options).items() if v is not None},
+                init_from_task=init_from_task)
+
+
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     spec = load_spec_file(path, ExperimentFile, "experiment file")
@@ -82,10 +159,13 @@ def load_experiment(path: str | Path) -> Experiment:
     if not base.exists():
         raise FileNotFoundError(f"{path}: base config {str(base)!r} does not exist")
     conditions = {name: _overrides(sets) for name, sets in spec.conditions.items()}
-    niah = {k: v for k, v in dataclasses.asdict(spec.eval).items() if v is not None}
-    return Experiment(base=base, seeds=list(spec.seeds), conditions=conditions, eval=niah,
-                      plots=spec.plots or {"all": list(conditions)}, nproc_per_node=spec.nproc_per_node,
-                      title=spec.title)
+    if spec.tasks is None:
+        tasks = {"": _task("", spec.title, None, spec.eval, spec.eval_mqar)}
+    else:
+        tasks = {name: _task(name, t.title, t.overrides, t.eval, t.eval_mqar, t.init_from_task)
+                 for name, t in spec.tasks.items()}
+    return Experiment(base=base, seeds=list(spec.seeds), conditions=conditions, tasks=tasks,
+                      plots=spec.plots or {"all": list(conditions)}, nproc_per_node=spec.nproc_per_node)
 
 
 def run_logged(run_dir: Path, commands: list[list[str]], *, threads: int, label: str, products=None) -> None:
@@ -105,23 +185,42 @@ def run_logged(run_dir: Path, commands: list[list[str]], *, threads: int, label:
                 raise RuntimeError(f"{label}: `{shell_text(arguments)}` exited {code}; see {run_dir / 'log.txt'}")
 
 
-def _run_one(exp: Experiment, condition: str, seed: int, out: Path, extra: list[str], threads: int) -> dict:
-    """Train and evaluate one (condition, seed) unless already done; returns its niah results."""
-    run_dir = out / "runs" / condition / f"seed{seed}"
-    result_file = run_dir / "niah.json"
+def learning_curve(metrics_file: Path) -> dict[int, float]:
+    """step -> validation loss of a run's metrics.jsonl (a step logged again after a resume: the last value)."""
+    curve = {}
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line) if line else {}
+        if "valid_loss" in record:
+            curve[int(record["step"])] = record["valid_loss"]
+    return dict(sorted(curve.items()))
+
+
+def _run_one(exp: Experiment, task: Task, condition: str, seed: int, out: Path, extra: list[str],
+             threads: int, after=None) -> dict:
+    """Train and evaluate one (task, condition, seed) unless already done; returns its evaluation results.
+    ``after``: the future of the run this one starts from (waited for first)."""
+    if after is not None:
+        after.result()  # raises if that run failed: this one cannot start
+    run_dir = exp.run_dir(out, task, condition, seed)
+    result_file = task.result_file(run_dir)
+    label = f"{task.name + ' ' if task.name else ''}{condition} seed {seed}"
     if not result_file.exists():
-        commands = [exp.train_arguments(condition, seed, run_dir, extra), exp.niah_arguments(run_dir)]
-        run_logged(run_dir, commands, threads=threads, label=f"{condition} seed {seed}")
-        print(f"experiment: {condition} seed {seed} done", flush=True)
+        commands = [exp.train_arguments(task, condition, seed, out, extra), task.eval_arguments(run_dir)]
+        run_logged(run_dir, commands, threads=threads, label=label)
+        print(f"experiment: {label} done", flush=True)
     results = json.loads(result_file.read_text())
-    by_length = next(iter(results["models"].values()))
-    train_loss = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    losses = [r["loss"] for r in train_loss if "loss" in r]
-    valid = [r["valid_loss"] for r in train_loss if "valid_loss" in r]
+    by_point = next(iter(results["models"].values()))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    losses = [r["loss"] for r in records if "loss" in r]
+    curve = learning_curve(run_dir / "metrics.jsonl")
     # answer_loss is absent from results written before it was measured
-    return {"exact_match": {int(n): r["exact_match"] for n, r in by_length.items()},
-            "answer_loss": {int(n): r.get("answer_loss") for n, r in by_length.items()},
-            "final_train_loss": losses[-1] if losses else None, "final_valid_loss": valid[-1] if valid else None}
+    run = {"exact_match": {int(n): r["exact_match"] for n, r in by_point.items()},
+           "answer_loss": {int(n): r.get("answer_loss") for n, r in by_point.items()},
+           "final_train_loss": losses[-1] if losses else None,
+           "final_valid_loss": list(curve.values())[-1] if curve else None, "curve": curve}
+    if any("by_updates" in r for r in by_point.values()):
+        run["by_updates"] = {int(n): {int(u): c for u, c in r["by_updates"].items()} for n, r in by_point.items()}
+    return run
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -133,78 +232,150 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 METRICS = {"exact_match": ("exact match", "%"), "answer_loss": ("answer loss", "nats")}
 
 
-def aggregate(per_run: dict[str, dict[int, dict]], lengths: list[int]) -> dict:
-    """condition -> {metric: {length: {mean, std, per_seed}}} for exact match and answer loss (a metric the
-    runs did not record is left out), plus the mean final validation loss."""
+def _stats(per_seed: list[float]) -> dict:
+    mean, std = _mean_std(per_seed)
+    return {"mean": mean, "std": std, "per_seed": per_seed}
+
+
+def aggregate(per_run: dict[str, dict[int, dict]], points: list[int]) -> dict:
+    """condition -> {metric: {point: {mean, std, per_seed}}} for exact match and answer loss (a metric the
+    runs did not record is left out), the validation loss by step (``curve``, the steps every seed logged),
+    ``by_updates`` {point: {times assigned: {metric: stats}}} when the evaluation counts it, and the mean
+    final validation loss."""
     summary = {}
     for condition, by_seed in per_run.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
         entry = {}
         for metric in METRICS:
-            if any(by_seed[s].get(metric, {}).get(n) is None for s in by_seed for n in lengths):
+            if any(r.get(metric, {}).get(n) is None for r in runs for n in points):
                 continue
-            row = {}
-            for n in lengths:
-                per_seed = [by_seed[s][metric][n] for s in sorted(by_seed)]
-                mean, std = _mean_std(per_seed)
-                row[n] = {"mean": mean, "std": std, "per_seed": per_seed}
-            entry[metric] = row
-        valid = [r["final_valid_loss"] for r in by_seed.values() if r["final_valid_loss"] is not None]
+            entry[metric] = {n: _stats([r[metric][n] for r in runs]) for n in points}
+        steps = sorted(set.intersection(*(set(r.get("curve", {})) for r in runs)))
+        entry["curve"] = {step: _stats([r["curve"][step] for r in runs]) for step in steps}
+        if all("by_updates" in r for r in runs):
+            entry["by_updates"] = {
+                n: {u: {metric: _stats([r["by_updates"][n][u][metric] for r in runs]) for metric in METRICS}
+                    for u in sorted(set.intersection(*(set(r["by_updates"][n]) for r in runs)))}
+                for n in points}
+        valid = [r["final_valid_loss"] for r in runs if r["final_valid_loss"] is not None]
         summary[condition] = {**entry, "valid_loss": _mean_std(valid)[0] if valid else None, "seeds": sorted(by_seed)}
     return summary
 
 
-def markdown_table(summary: dict, lengths: list[int], train_lengths: tuple[int, int]) -> str:
-    """One table per metric: mean ± sample std over seeds per condition and evaluation length."""
-    lo, hi = train_lengths
-    head = ["condition", *[f"{n}{'*' if lo <= n <= hi else ''}" for n in lengths], "valid loss"]
+def _cell(stats: dict, unit: str) -> str:
+    scale, digits = (100, 1) if unit == "%" else (1, 3)
+    return f"{scale * stats['mean']:.{digits}f} ± {scale * stats['std']:.{digits}f}"
+
+
+def markdown_table(summary: dict, points: list[int], train_range: tuple[int, int], axis: str = "length") -> str:
+    """One table per metric: mean ± sample std over seeds per condition and evaluation point (a length or a
+    number of pairs), then, for key update, one per metric by times the queried key was assigned."""
+    lo, hi = train_range
+    head = ["condition", *[f"{n}{'*' if lo <= n <= hi else ''}" for n in points], "valid loss"]
     seeds = next(iter(summary.values()))["seeds"]
     parts = []
     for metric, (name, unit) in METRICS.items():
         rows = {c: s[metric] for c, s in summary.items() if metric in s}
         if not rows:
             continue
-        lines = [f"**{name}** ({unit})\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines = [f"**{name}** ({unit}) by {axis}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for condition, row in rows.items():
-            scale, digits = (100, 1) if unit == "%" else (1, 3)
-            cells = [f"{scale * row[n]['mean']:.{digits}f} ± {scale * row[n]['std']:.{digits}f}" for n in lengths]
             loss = summary[condition]["valid_loss"]
-            lines.append("| " + " | ".join([condition, *cells, f"{loss:.3f}" if loss is not None else "-"]) + " |")
+            lines.append("| " + " | ".join([condition, *[_cell(row[n], unit) for n in points],
+                                            f"{loss:.3f}" if loss is not None else "-"]) + " |")
         parts.append("\n".join(lines))
-    parts.append(f"Mean ± sample std over seeds {seeds}; * = inside the training length range [{lo}, {hi}].")
+    # (plain MQAR asks keys assigned once only: no breakdown to show)
+    updated = {c: s["by_updates"] for c, s in summary.items()
+               if len(next(iter(s.get("by_updates", {}).values()), {})) > 1}
+    if updated:
+        columns = [(n, u) for n in points for u in next(iter(updated.values()))[n]]
+        for metric, (name, unit) in METRICS.items():
+            lines = [f"**{name}** ({unit}) by {axis} / times the queried key was assigned\n",
+                     "| " + " | ".join(["condition", *[f"{n} / {u}x" for n, u in columns]]) + " |",
+                     "|" + "---|" * (len(columns) + 1)]
+            for condition, by_updates in updated.items():
+                lines.append("| " + " | ".join([condition, *[_cell(by_updates[n][u][metric], unit)
+                                                              for n, u in columns]]) + " |")
+            parts.append("\n".join(lines))
+    parts.append(f"Mean ± sample std over seeds {seeds}; * = inside the training range [{lo}, {hi}] ({axis}).")
     return "\n\n".join(parts) + "\n"
 
 
-def plot_group(summary: dict, members: list[str], lengths: list[int], path: Path, title: str,
-               metric: str = "exact_match") -> None:
+def _style(condition: str) -> dict:
+    return {"linestyle": "--" if "softmax" in condition else "-", "marker": "o", "capsize": 3}
+
+
+def plot_group(summary: dict, members: list[str], points: list[int], path: Path, title: str,
+               axis: str = "context length (tokens)", train_top: int | None = None) -> None:
+    """One figure: exact match and answer loss vs the evaluation points, the validation answer loss by step,
+    and (key update) exact match by times the queried key was assigned at the ``train_top`` point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name, unit = METRICS[metric]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for condition in members:
-        row = summary[condition][metric]
-        ax.errorbar(lengths, [row[n]["mean"] for n in lengths], yerr=[row[n]["std"] for n in lengths],
-                    marker="o", capsize=3, label=condition, linestyle="--" if "softmax" in condition else "-")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel(f"{name} (mean ± std over seeds)" + (", nats" if unit == "nats" else ""))
-    if metric == "exact_match":
-        ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    by_updates = train_top is not None and all(len(summary[c].get("by_updates", {}).get(train_top, {})) > 1
+                                               for c in members)
+    panels = [m for m in METRICS if all(m in summary[c] for c in members)] + ["curve"] + (["updates"] * by_updates)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for condition in members:
+            entry = summary[condition]
+            if panel in METRICS:
+                row = entry[panel]
+                ax.errorbar(points, [row[n]["mean"] for n in points], yerr=[row[n]["std"] for n in points],
+                            label=condition, **_style(condition))
+            elif panel == "curve":
+                steps = list(entry["curve"])
+                means = [entry["curve"][s]["mean"] for s in steps]
+                stds = [entry["curve"][s]["std"] for s in steps]
+                line, = ax.plot(steps, means, label=condition, linestyle=_style(condition)["linestyle"],
+                                marker="o" if len(steps) < 4 else None)
+                ax.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
+                                color=line.get_color(), alpha=0.15)
+            else:
+                row = entry["by_updates"][train_top]
+                times = list(row)
+                ax.errorbar(times, [row[u]["exact_match"]["mean"] for u in times],
+                            yerr=[row[u]["exact_match"]["std"] for u in times], label=condition, **_style(condition))
+        if panel in METRICS:
+            name, unit = METRICS[panel]
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(points, [str(n) for n in points])
+            ax.set_xlabel(axis)
+            ax.set_ylabel(f"{name}" + (" (nats)" if unit == "nats" else ""))
+            if panel == "exact_match":
+                ax.set_ylim(-0.02, 1.02)
+        elif panel == "curve":
+            ax.set_xlabel("training step")
+            ax.set_ylabel("validation answer loss (nats)")
+        else:
+            ax.set_xlabel(f"times the queried key was assigned ({train_top} pairs)")
+            ax.set_xticks(list(summary[members[0]]["by_updates"][train_top]))
+            ax.set_ylabel("exact match")
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{title} (mean ± std over seeds)")
     fig.tight_layout()
-    atomic.write_figure(path, fig, dpi=120)
+    atomic.write_figure(path, fig, dpi=110)
     plt.close(fig)
+
+
+def _jsonable(summary: dict) -> dict:
+    """JSON keys are strings: the points, steps and update counts become their decimal text."""
+    def keys_to_text(value):
+        if isinstance(value, dict):
+            return {str(k): keys_to_text(v) for k, v in value.items()}
+        return value
+    return keys_to_text(summary)
 
 
 def run_experiment(exp: Experiment, out: Path, *, jobs: int = 2, only: list[str] | None = None,
                    seeds: list[int] | None = None, extra: list[str] | None = None,
                    eval_overrides: dict | None = None) -> dict:
-    """Run (or finish) every selected condition x seed, then write results.json, table.md and the plots."""
+    """Run (or finish) every task x selected condition x seed, then write each task's results.json, table.md
+    and plots (in --out, or --out/TASK for an experiment with ``tasks:``); returns {task: summary}."""
     from lucid_megatron.config.train import load_train_config
     from lucid_megatron.data.synth import ensure_synth_dataset
 
@@ -216,36 +387,57 @@ def run_experiment(exp: Experiment, out: Path, *, jobs: int = 2, only: list[str]
     conditions = only or list(exp.conditions)
     seeds = seeds or exp.seeds
     extra = list(extra or [])
-    exp = dataclasses.replace(exp, eval={**exp.eval, **(eval_overrides or {})})
+    tasks = [dataclasses.replace(t, eval={**t.eval, **(eval_overrides or {})}) for t in exp.tasks.values()]
     out.mkdir(parents=True, exist_ok=True)
 
-    # Every condition reads the same dataset: write it once here, before runs start in parallel.
-    cfg = load_train_config(exp.base, extra)
-    ensure_synth_dataset(cfg.data, say=lambda text: print(f"experiment: {text}", flush=True))
+    # Runs of a task read the same dataset: write each task's once here, before runs start in parallel.
+    configs = {t.name: load_train_config(exp.base, exp.overrides(t, conditions[0], seeds[0], extra)) for t in tasks}
+    for cfg in configs.values():
+        ensure_synth_dataset(cfg.data, say=lambda text: print(f"experiment: {text}", flush=True))
     threads = max(1, (os.cpu_count() or 1) // (jobs * exp.nproc_per_node))
-    work = [(c, s) for c in conditions for s in seeds]
+    # Tasks in file order, so a run's init_from_task run was submitted (and, the pool being first in first out,
+    # started) before it: waiting for it cannot take a worker that run needs.
+    work = [(t, c, s) for t in tasks for c in conditions for s in seeds]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {key: pool.submit(_run_one, exp, *key, out, extra, threads) for key in work}
-        per_run: dict[str, dict[int, dict]] = {}
-        for (condition, seed), future in futures.items():
-            per_run.setdefault(condition, {})[seed] = future.result()
+        futures = {}
+        for t, c, s in work:
+            after = futures[(t.init_from_task, c, s)] if t.init_from_task is not None else None
+            futures[(t.name, c, s)] = pool.submit(_run_one, exp, t, c, s, out, extra, threads, after)
+        per_run: dict[str, dict[str, dict[int, dict]]] = {}
+        for (task, condition, seed), future in futures.items():
+            per_run.setdefault(task, {}).setdefault(condition, {})[seed] = future.result()
+    return {t.name: _report_task(exp, t, configs[t.name], per_run[t.name], out, seeds, extra) for t in tasks}
 
-    lengths = sorted(int(n) for n in exp.eval["lengths"])
-    summary = aggregate(per_run, lengths)
-    task = cfg.data.synth.task if cfg.data.synth else None
-    train_lengths = (task.min_len, task.max_len) if task else (cfg.train.seq_length, cfg.train.seq_length)
-    atomic.write_text(out / "results.json", json.dumps(
-        {"experiment": {"base": str(exp.base), "seeds": seeds, "conditions": {c: exp.conditions[c] for c in conditions},
-                        "eval": exp.eval, "extra_overrides": extra, "train_lengths": train_lengths},
-         "summary": {c: {k: ({str(n): v for n, v in value.items()} if k in METRICS else value)
-                         for k, value in s.items()} for c, s in summary.items()}}, indent=1))
-    table = markdown_table(summary, lengths, train_lengths)
-    atomic.write_text(out / "table.md", table)
+
+def _report_task(exp: Experiment, task: Task, cfg, per_run: dict, out: Path, seeds: list[int],
+                 extra: list[str]) -> dict:
+    """Aggregate one task's runs into results.json (summary and per-seed values), table.md and its plots."""
+    points = sorted(int(n) for n in task.eval[task.points_key])
+    summary = aggregate(per_run, points)
+    synth = cfg.data.synth
+    if task.eval_kind == "mqar":
+        mqar = synth.mqar if synth and synth.mqar else None
+        train_range = (mqar.min_pairs, mqar.max_pairs) if mqar else (0, 0)
+        axis, axis_label = "pairs", "key-value pairs per document"
+    else:
+        retrieval = synth.task if synth else None
+        train_range = ((retrieval.min_len, retrieval.max_len) if retrieval
+                       else (cfg.train.seq_length, cfg.train.seq_length))
+        axis, axis_label = "length", "context length (tokens)"
+    task_out = task.out(out)
+    task_out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(task_out / "results.json", json.dumps(
+        {"experiment": {"base": str(exp.base), "task": task.name, "title": task.title, "seeds": seeds,
+                        "task_overrides": task.overrides, "conditions": {c: exp.conditions[c] for c in per_run},
+                        "eval_kind": task.eval_kind, "eval": task.eval, "extra_overrides": extra,
+                        "train_range": train_range},
+         "summary": _jsonable(summary), "per_seed": _jsonable(per_run)}, indent=1))
+    table = markdown_table(summary, points, train_range, axis)
+    atomic.write_text(task_out / "table.md", table)
+    top = train_range[1] if task.eval_kind == "mqar" and train_range[1] in points else None
     for name, members in exp.plots.items():
-        for metric in METRICS:
-            drawn = [m for m in members if metric in summary.get(m, {})]
-            if drawn:
-                suffix = "" if metric == "exact_match" else "-loss"
-                plot_group(summary, drawn, lengths, out / f"{name}{suffix}.png", f"{exp.title}: {name}", metric)
-    print(table, flush=True)
+        drawn = [m for m in members if m in summary]
+        if drawn:
+            plot_group(summary, drawn, points, task_out / f"{name}.png", f"{task.title}: {name}", axis_label, top)
+    print(f"{task.title}\n\n{table}", flush=True)
     return summary

@@ -1,4 +1,4 @@
-"""The ``lucid train`` and ``lucid eval niah`` argument lists, built in one place.
+"""The ``lucid train`` and ``lucid eval niah | mqar`` argument lists, built in one place.
 
 Everything that starts one of these commands (the torchrun starter, the experiments, the GPU selftest,
 final_eval, the tests) builds its list here, so an option renamed in a ``cli.py`` is renamed here once.
@@ -101,13 +101,40 @@ class NiahOptions:
         return arguments
 
 
-def niah_command(options: NiahOptions, *, checkpoints: Sequence[PathLike] = (), hf: Sequence[PathLike] = (),
+@dataclasses.dataclass(frozen=True)
+class MqarOptions:
+    """What ``lucid eval mqar`` asks: the numbers of pairs, the task and the sampling; None keeps the command's
+    default.  Also the schema of an experiment file's ``eval_mqar:`` section."""
+
+    pairs: list[int]
+    key_vocab: int | None = None
+    value_vocab: int | None = None
+    updates: int | None = None
+    num_samples: int | None = None
+    seed: int | None = None
+    batch_size: int | None = None
+
+    def validate(self) -> None:
+        if not self.pairs or any(n < 1 for n in self.pairs):
+            raise ValueError(f"pairs={self.pairs!r} must be a non-empty list of positive integers")
+
+    def arguments(self) -> list[str]:
+        arguments = ["--pairs", *map(str, self.pairs)]
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name != "pairs" and value is not None:
+                arguments += [f"--{field.name.replace('_', '-')}", str(value)]
+        return arguments
+
+
+def niah_command(options: NiahOptions | MqarOptions, *, checkpoints: Sequence[PathLike] = (), hf: Sequence[PathLike] = (),
                  labels: Sequence[str] = (), out: PathLike | None = None, plot: PathLike | None = None,
                  tensor_parallel_size: int = 1, context_parallel_size: int = 1,
                  cp_comm_type: str | None = None) -> list[str]:
     """``lucid eval niah`` of the Megatron ``checkpoints`` then the Hugging Face ``hf`` directories (``labels``
-    name them in that order), asking ``options``; results to ``out`` (JSON) and ``plot`` (PNG) when given."""
-    arguments = ["eval", "niah"]
+    name them in that order), asking ``options``; results to ``out`` (JSON) and ``plot`` (PNG) when given.
+    With ``MqarOptions``, ``lucid eval mqar`` of the same."""
+    arguments = ["eval", "mqar" if isinstance(options, MqarOptions) else "niah"]
     arguments += [word for path in checkpoints for word in ("--checkpoint", str(path))]
     arguments += [word for path in hf for word in ("--hf", str(path))]
     arguments += [word for label in labels for word in ("--label", label)]

@@ -50,6 +50,24 @@ def test_synth_command(tmp_path):
     assert bad.returncode == 2 and "min_len=10" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+def test_synth_mqar_command(tmp_path):
+    out = tmp_path / "mqar"
+    result = lucid("synth", out, "--task", "mqar", "--min-pairs", 2, "--max-pairs", 5, "--key-vocab", 10,
+                   "--value-vocab", 20, "--updates", 3, "--train-docs", 30, "--valid-docs", 4, "--seed", 2)
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(out)
+    assert manifest.source["kind"] == "mqar" and manifest.has_answer_mask
+    assert manifest.source["task"] == {"min_pairs": 2, "max_pairs": 5, "key_vocab": 10, "value_vocab": 20, "updates": 3}
+    for tokens, mask in iter_shard_documents(manifest.shard_paths("train")[0]):
+        answers = tokens[mask == 1]
+        assert 2 <= len(answers) <= 5 and ((10 <= answers) & (answers < 30)).all()  # one value per key
+    refused = lucid("synth", tmp_path / "bad", "--task", "mqar", "--template", "compact")
+    assert refused.returncode == 2 and "--task mqar does not take --template" in refused.stderr
+    too_wide = lucid("synth", tmp_path / "bad", "--task", "mqar", "--key-vocab", 200, "--value-vocab", 100)
+    assert too_wide.returncode == 2 and "key_vocab + value_vocab = 300" in too_wide.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_prepare_command(tmp_path):
     texts = [f"document number {i} " + "words " * i for i in range(40)]
     (tmp_path / "a.txt").write_text("a whole file is one document\nwith two lines\n")

@@ -166,3 +166,65 @@ def test_niah_options_build_the_task_they_name():
     assert {k: getattr(task, k) for k in want} == want
     # every task field is an option (nothing silently left at its default), bar the lengths set per document
     assert {f.name for f in dataclasses.fields(task)} == set(want) | {"min_len", "max_len"}
+
+
+class _RecallScorer:
+    """A stand-in model for the MQAR scorer's bookkeeping (the real model is scored by the CLI test below):
+    after a queried key it predicts the value the key was given ``which`` ("first" or "latest"), with a loss
+    of 0.25 when right and 3.0 when wrong."""
+
+    def __init__(self, which: str, key_vocab: int):
+        self.which, self.key_vocab = which, key_vocab
+
+    def next_token_scores(self, documents):
+        scored = []
+        for tokens in documents:
+            predictions, losses, given = np.zeros(len(tokens), dtype=np.int64), np.zeros(len(tokens)), {}
+            for p in range(1, len(tokens) - 1, 2):
+                key, value = int(tokens[p]), int(tokens[p + 1])
+                known = given.get(key)
+                predictions[p] = (known[0] if self.which == "first" else known[-1]) if known else 0
+                losses[p] = 0.25 if predictions[p] == value else 3.0
+                given.setdefault(key, []).append(value)
+            scored.append((predictions, losses))
+        return scored
+
+
+def test_mqar_scores_count_every_query_by_times_its_key_was_assigned():
+    from lucid_megatron.data.mqar import MqarTask
+    from lucid_megatron.eval import mqar
+
+    task = MqarTask(min_pairs=1, max_pairs=8, key_vocab=16, value_vocab=9, updates=2)
+    kwargs = dict(num_samples=40, seed=1, batch_size=7)
+    latest = mqar.evaluate(_RecallScorer("latest", 16), task, [4, 8], **kwargs)
+    first = mqar.evaluate(_RecallScorer("first", 16), task, [4, 8], **kwargs)
+    for n in (4, 8):
+        assert latest[n]["queries"] == first[n]["queries"] == 40 * n
+        assert latest[n]["exact_match"] == 1.0 and latest[n]["answer_loss"] == pytest.approx(0.25, abs=1e-12)
+        by_updates = first[n]["by_updates"]
+        assert sorted(by_updates) == [1, 2] and sum(r["queries"] for r in by_updates.values()) == 40 * n
+        # the first value is the answer exactly when the key was assigned once (an update changes the value)
+        assert by_updates[1]["exact_match"] == 1.0 and by_updates[2]["exact_match"] == 0.0
+        once = by_updates[1]["queries"] / (40 * n)
+        assert first[n]["exact_match"] == pytest.approx(once, abs=1e-12)
+        assert first[n]["answer_loss"] == pytest.approx(0.25 * once + 3.0 * (1 - once), abs=1e-12)
+
+
+def test_mqar_command_on_a_real_checkpoint(runs, tmp_path):
+    from lucid_megatron.runtime.commands import MqarOptions
+
+    _, untrained, _ = runs
+    out, plot = tmp_path / "mqar.json", tmp_path / "mqar.png"
+    options = MqarOptions(pairs=[4, 16], key_vocab=32, value_vocab=32, updates=2, num_samples=10, seed=3, batch_size=4)
+    lucid(*niah_command(options, checkpoints=[untrained], labels=["untrained"], out=out, plot=plot))
+    result = json.loads(out.read_text())
+    assert result["task"]["pairs"] == [4, 16] and result["task"]["updates"] == 2
+    for n in ("4", "16"):
+        row = result["models"]["untrained"][n]
+        assert row["queries"] == 10 * int(n) and sum(r["queries"] for r in row["by_updates"].values()) == row["queries"]
+        # untrained: at most a few of the 32 values by luck, and about ln(384) nats (see the niah test)
+        assert row["exact_match"] <= 0.15 and abs(row["answer_loss"] - np.log(384)) < 0.5, row
+    assert plot.stat().st_size > 1000
+    bad = subprocess.run(process_command(niah_command(MqarOptions(pairs=[40], key_vocab=32), checkpoints=[untrained])),
+                         capture_output=True, text=True, timeout=300, env=train_env())
+    assert bad.returncode == 2 and "--pairs [40]" in bad.stderr and "--key-vocab 32" in bad.stderr, bad.stderr

@@ -35,7 +35,7 @@ def test_repro_smoke_writes_table_and_plots_and_resumes(tmp_path):
     assert "softmax seed 0 done" in first.stdout and "lucid seed 0 done" in first.stdout
     results = json.loads((out / "results.json").read_text())
     exp = load_experiment(EXPERIMENT)
-    lengths = [str(n) for n in exp.eval["lengths"]]
+    lengths = [str(n) for n in exp.tasks[""].eval["lengths"]]
     for condition in ("softmax", "lucid"):
         niah = next(iter(json.loads((out / "runs" / condition / "seed0" / "niah.json").read_text())["models"].values()))
         for metric in ("exact_match", "answer_loss"):
@@ -51,11 +51,57 @@ def test_repro_smoke_writes_table_and_plots_and_resumes(tmp_path):
     table = (out / "table.md").read_text()
     assert table.count("\n| softmax |") == 2 and table.count("\n| lucid |") == 2  # exact match, answer loss
     for plot in exp.plots:
-        assert (out / f"{plot}.png").stat().st_size > 1000 and (out / f"{plot}-loss.png").stat().st_size > 1000
+        assert (out / f"{plot}.png").stat().st_size > 1000
     # a second call finds every run finished and rebuilds the same results without training
     second = _repro(out, tmp_path / "data")
     assert "seed 0 done" not in second.stdout
     assert json.loads((out / "results.json").read_text()) == results
+
+
+MQAR_EXPERIMENT = REPO / "configs" / "repro" / "mqar" / "experiment.yaml"
+
+
+def test_mqar_experiment_smoke_runs_both_tasks_on_their_own_data(tmp_path):
+    """The shipped MQAR experiment file end to end in seconds: both tasks, one condition (the softmax baseline
+    runs in the smoke above), one seed, 2 steps; each task writes its own dataset (relative data paths land in
+    the working directory) and its outputs, and key update starts from the MQAR run's weights."""
+    smoke = ["train.steps=2", "data.synth.train_docs=64", "data.synth.valid_docs=8", "data.synth.docs_per_shard=16",
+             "data.eval_rows=2", "checkpoint.interval=0"]
+    command = process_command(["experiment", "repro", str(MQAR_EXPERIMENT), "--out", "out", "--only", "lucid",
+                               "--seeds", "0", "--eval-samples", "2", "--jobs", "2", *override_arguments(smoke)])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=train_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    exp = load_experiment(MQAR_EXPERIMENT)
+    from lucid_megatron.data.shards import read_manifest
+
+    for name, task in exp.tasks.items():
+        manifest = read_manifest(tmp_path / dict(o.split("=", 1) for o in task.overrides)["data.path"])
+        assert manifest.source["kind"] == "mqar" and manifest.source["task"]["updates"] == task.eval["updates"]
+        results = json.loads((tmp_path / "out" / name / "results.json").read_text())
+        pairs = [str(n) for n in task.eval["pairs"]]
+        for condition in ("lucid",):
+            run = tmp_path / "out" / name / "runs" / condition / "seed0"
+            scored = next(iter(json.loads((run / "mqar.json").read_text())["models"].values()))
+            summary, per_seed = results["summary"][condition], results["per_seed"][condition]["0"]
+            for metric in ("exact_match", "answer_loss"):
+                assert list(summary[metric]) == pairs
+                assert all(summary[metric][n]["mean"] == scored[n][metric] == per_seed[metric][n] for n in pairs)
+            # the learning curve is the validation loss the run logged, step by step
+            curve = {json.loads(line)["step"]: json.loads(line)["valid_loss"]
+                     for line in (run / "metrics.jsonl").read_text().splitlines() if "valid_loss" in line}
+            assert per_seed["curve"] == {str(k): v for k, v in curve.items()} and curve
+            assert {k: v["mean"] for k, v in summary["curve"].items()} == per_seed["curve"]
+            updates = summary["by_updates"][pairs[0]]
+            assert sorted(updates) == [str(u) for u in range(1, task.eval["updates"] + 1)]
+            assert updates["1"]["exact_match"]["mean"] == scored[pairs[0]]["by_updates"]["1"]["exact_match"]
+            if task.init_from_task:
+                source = tmp_path / "out" / task.init_from_task / "runs" / condition / "seed0" / "checkpoints"
+                assert f"checkpoint.init_from={source.resolve()}" in (run / "command.txt").read_text()
+                assert f"initialising weights from {source.resolve()}" in (run / "log.txt").read_text()
+        table = (tmp_path / "out" / name / "table.md").read_text()
+        assert "| 8* | 16 | 32 |" in table and ("/ 3x" in table) == (task.eval["updates"] == 3)
+        for plot in exp.plots:
+            assert (tmp_path / "out" / name / f"{plot}.png").stat().st_size > 1000
 
 
 def test_aggregate_is_mean_and_sample_std_over_seeds():
@@ -85,6 +131,13 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
     ("base: base.yaml\nseeds: [0]\nconditions: {a: {}}\neval: {needles: 2}\n", "eval: missing required key"),
     ("base: base.yaml\nseeds: [0, x]\nconditions: {a: {}}\neval: {lengths: [8]}\n", "seeds[1]: expected int"),
     ("base: nowhere.yaml\nseeds: [0]\nconditions: {a: {}}\neval: {lengths: [8]}\n", "does not exist"),
+    ("base: base.yaml\nseeds: [0]\nconditions: {a: {}}\n", "give exactly one of eval"),
+    ("base: base.yaml\nseeds: [0]\nconditions: {a: {}}\neval: {lengths: [8]}\neval_mqar: {pairs: [8]}\n",
+     "give exactly one of eval"),
+    ("base: base.yaml\nseeds: [0]\nconditions: {a: {}}\neval: {lengths: [8]}\n"
+     "tasks: {t: {title: T, eval_mqar: {pairs: [8]}}}\n", "no top-level eval"),
+    ("base: base.yaml\nseeds: [0]\nconditions: {a: {}}\ntasks: {t: {title: T, eval_mqar: {pairs: [8]}, "
+     "init_from_task: u}, u: {title: U, eval_mqar: {pairs: [8]}}}\n", "init_from_task='u' must name a task listed before"),
 ])
 def test_experiment_file_errors_name_the_problem(tmp_path, text, message):
     (tmp_path / "base.yaml").write_text("{}")
@@ -183,7 +236,7 @@ def test_shipped_experiments_are_valid_and_vary_one_thing(path):
     assert configs["lucid_nope"].model.position_embedding == "none" and base.model.position_embedding == "rope"
     assert len(exp.seeds) >= 3
     task = base.data.synth.task
-    assert max(exp.eval["lengths"]) >= 4 * task.max_len and min(exp.eval["lengths"]) <= task.max_len
+    assert max(exp.tasks[""].eval["lengths"]) >= 4 * task.max_len and min(exp.tasks[""].eval["lengths"]) <= task.max_len
 
 
 def test_shipped_key_update_experiment_is_valid_and_varies_one_thing():
@@ -201,10 +254,32 @@ def test_shipped_key_update_experiment_is_valid_and_varies_one_thing():
     task = configs["lucid"].data.synth.task
     assert task.updates > 1  # a key-update task: the answer is the latest of several values
     # evaluated on the training task at 1x, 2x and 4x the training length
-    assert sorted(exp.eval["lengths"]) == [task.max_len, 2 * task.max_len, 4 * task.max_len]
+    assert sorted(exp.tasks[""].eval["lengths"]) == [task.max_len, 2 * task.max_len, 4 * task.max_len]
     for field in ("updates", "key_len", "value_len", "filler_words", "template"):
-        assert exp.eval[field] == getattr(task, field), field
-    assert (exp.eval["needles"], exp.eval["queries"]) == (task.num_needles, task.num_queries)
+        assert exp.tasks[""].eval[field] == getattr(task, field), field
+    assert (exp.tasks[""].eval["needles"], exp.tasks[""].eval["queries"]) == (task.num_needles, task.num_queries)
+
+
+def test_shipped_mqar_experiment_is_valid_and_varies_one_thing():
+    from lucid_megatron.config.train import load_train_config
+
+    exp = load_experiment(MQAR_EXPERIMENT)
+    assert list(exp.tasks) == ["mqar", "key_update"] and len(exp.seeds) >= 3
+    assert exp.tasks["key_update"].init_from_task == "mqar" and exp.tasks["mqar"].init_from_task is None
+    for task in exp.tasks.values():
+        configs = {name: load_train_config(exp.base, exp.overrides(task, name, 0, [])) for name in exp.conditions}
+        assert set(configs) == {"softmax", "lucid", "softmax_nope", "lucid_nope"}
+        for name, cfg in configs.items():
+            assert cfg.model.lucid_layers == ("none" if name.startswith("softmax") else "all")
+            assert cfg.model.position_embedding == ("none" if name.endswith("nope") else "rope")
+            rest = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+            assert rest == {k: v for k, v in dataclasses.asdict(configs["lucid"]).items() if k != "model"}
+        mqar = configs["lucid"].data.synth.mqar
+        # scored on the trained task at 1x, 2x and 4x the most pairs seen in training
+        assert task.eval["pairs"] == [mqar.max_pairs, 2 * mqar.max_pairs, 4 * mqar.max_pairs]
+        assert (task.eval["updates"], task.eval["key_vocab"], task.eval["value_vocab"]) == (
+            mqar.updates, mqar.key_vocab, mqar.value_vocab)
+    assert load_train_config(exp.base, exp.tasks["key_update"].overrides).data.synth.mqar.updates > 1
 
 
 def test_toy_command_keeps_finished_runs_and_redoes_changed_ones(tmp_path, capsys):
