@@ -52,6 +52,7 @@ BASES = {
     ("convert", "from-hf"): Base({"hf_dir": "{missing}", "checkpoint": "{new}"}),
     ("convert", "verify"): Base({"checkpoint": "{missing}", "hf_dir": "{missing}"}),
     ("eval", "niah"): Base(options={"--checkpoint": "{missing}", "--lengths": "64"}),
+    ("eval", "mqar"): Base(options={"--checkpoint": "{missing}", "--pairs": "8"}),
     ("eval", "ppl"): Base(options={"--checkpoint": "{missing}", "--data": "{missing}"}),
     ("eval", "scalars"): Base({"run_dir": "{missing}"}, {"--out": "{new}"}),
     ("experiment", "repro"): Base({"experiment": "{missing}.yaml"}, {"--out": "{new}"}),

@@ -19,10 +19,12 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+# Megatron is imported where it is used (see store.py: the `lucid train` launcher imports this package).
+if TYPE_CHECKING:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from lucid_megatron.runtime import deepspeed_adapter as ds
 
@@ -45,6 +47,8 @@ class Box:
         """The box of ``data`` (``shape`` elements) as a sharded tensor of the parameter's global tensor.  Axes
         Megatron prepends (the layer index) become axes of size 1 of the box: Megatron's uneven-sharding path
         leaves them out of a chunk's sizes but not of its offsets."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
         t = self.target
         p = t.prepend_axis_num
         offset = (*t.global_offset[:p], *(o + d for o, d in zip(t.global_offset[p:], self.offset)))
@@ -87,6 +91,8 @@ def _targets(sharded: ShardedTensor | ShardedTensorFactory, shape: tuple[int, ..
     A factory (the fused SwiGLU weight: two halves along the first axis, each its own global tensor) is built on
     a tensor of row indices broadcast over the other axes (no memory), which shows which rows each piece holds;
     a piece must be a run of whole rows."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
     if isinstance(sharded, ShardedTensor):
         return [(dataclasses.replace(sharded, data=None, dtype=torch.float32), 0)]
     rows = torch.arange(shape[0]).view(-1, *(1,) * (len(shape) - 1)).expand(shape)
@@ -197,12 +203,16 @@ def save_optimizer_state(engine, directory: Path, *, async_save: bool = False):
     """Write this rank's AdamW fragments to ``directory`` (collective; the directory must exist).
 
     ``async_save``: return Megatron's AsyncRequest for the writing instead of writing now."""
+    from megatron.core import dist_checkpointing
+
     return dist_checkpointing.save(optimizer_sharded_state(engine), str(directory), async_sharded_save=async_save)
 
 
 def load_optimizer_state(engine, directory: Path) -> int:
     """Load AdamW state written at any layout (or by the earlier whole-tensor format) into ``engine``'s current
     fragments.  Returns the restored step count.  Call after the weights are loaded and the engine is built."""
+    from megatron.core import dist_checkpointing
+
     steps = int(dist_checkpointing.load_common_state_dict(str(directory))[STEP_KEY])
     if steps == 0:
         return 0

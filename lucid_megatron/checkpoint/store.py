@@ -46,10 +46,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-from megatron.core.tensor_parallel import get_cuda_rng_tracker
+# Megatron is imported where it is used: `lucid train` reads checkpoints' records (state.json, model.yaml) in
+# its launcher process, which should not pay Megatron's import (seconds) before it starts the workers.
 
 from lucid_megatron import atomic
 
@@ -73,12 +71,16 @@ class RngStreams:
     on a GPU, the current device's generator.  Saved per rank as ``rng/rank_K.pt``."""
 
     def state_dict(self) -> dict[str, object]:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
         state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
         torch.set_rng_state(state["cpu"])
         get_cuda_rng_tracker().set_states(state["tracker"])
         if torch.cuda.is_available() and "cuda" in state:
@@ -90,6 +92,9 @@ def _weights_to_save(engine) -> dict:
     keeps the weights in flat buffers; see ``own_storage``).  Under ZeRO-3 (called with the weights gathered)
     they are copied to the host now: the gathered buffers are released, and may be reused, when the gather ends,
     before a background write is staged."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
     sharded = engine.module.sharded_state_dict()
     apply_factories(sharded)
     gathered = ds.zero_stage(engine) == 3
@@ -193,6 +198,8 @@ class Checkpointer:
             for part in ("model", "rng", "optimizer"):
                 (partial / part).mkdir(parents=True)
         dist.barrier()
+        from megatron.core import dist_checkpointing
+
         with ds.gathered_parameters(engine):
             model_write = dist_checkpointing.save(_weights_to_save(engine), str(partial / "model"),
                                                   async_sharded_save=self.async_save)
@@ -296,6 +303,8 @@ class Checkpointer:
         problem = unsafe_model_index(Path(path) / "model")
         if problem:
             raise ValueError(f"{path}: {problem}")
+        from megatron.core import dist_checkpointing
+
         state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / "model"))
         model.load_state_dict(state_dict, strict=True)
 
@@ -572,6 +581,8 @@ def save_weights_checkpoint(path: str | Path, model: torch.nn.Module, state: dic
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(name, src=0)  # every rank writes into the one rank 0 made
     staging = Path(name[0])
+    from megatron.core import dist_checkpointing
+
     try:
         dist_checkpointing.save(model.sharded_state_dict(), str(staging / "model"))
         dist.barrier()

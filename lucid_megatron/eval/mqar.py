@@ -50,24 +50,6 @@ def evaluate(scorer, task: MqarTask, pairs: list[int], *, num_samples: int, seed
 
 def plot(results: dict, path, title: str) -> None:
     """Exact match vs number of pairs, one line per model (a PNG)."""
-    import matplotlib
+    from lucid_megatron.eval.niah import plot as plot_by_point
 
-    from lucid_megatron import atomic
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, by_pairs in results.items():
-        points = sorted((int(n), r["exact_match"]) for n, r in by_pairs.items())  # JSON keys are strings
-        ax.plot([n for n, _ in points], [e for _, e in points], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("key-value pairs per document")
-    ax.set_ylabel("exact match")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic.write_figure(path, fig, dpi=120)
-    plt.close(fig)
+    plot_by_point(results, path, title, xlabel="key-value pairs per document")

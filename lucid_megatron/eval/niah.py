@@ -69,8 +69,8 @@ def evaluate(scorer, task: RetrievalTask, lengths: list[int], *, num_samples: in
     return results
 
 
-def plot(results: dict, path, title: str) -> None:
-    """Exact match vs context length, one line per model (a PNG)."""
+def plot(results: dict, path, title: str, xlabel: str = "context length (tokens)") -> None:
+    """Exact match vs context length (or another evaluation point: ``xlabel``), one line per model (a PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +81,7 @@ def plot(results: dict, path, title: str) -> None:
         points = sorted((int(n), r["exact_match"]) for n, r in by_length.items())  # JSON keys are strings
         ax.plot([n for n, _ in points], [e for _, e in points], marker="o", label=name)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("exact match")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)

@@ -306,15 +306,15 @@ def _style(condition: str) -> dict:
 
 
 def plot_group(summary: dict, members: list[str], points: list[int], path: Path, title: str,
-               axis: str = "context length (tokens)", train_top: int | None = None) -> None:
+               axis: str = "context length (tokens)", breakdown: int | None = None) -> None:
     """One figure: exact match and answer loss vs the evaluation points, the validation answer loss by step,
-    and (key update) exact match by times the queried key was assigned at the ``train_top`` point."""
+    and (key update) exact match by times the queried key was assigned at the ``breakdown`` point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_updates = train_top is not None and all(len(summary[c].get("by_updates", {}).get(train_top, {})) > 1
+    by_updates = breakdown is not None and all(len(summary[c].get("by_updates", {}).get(breakdown, {})) > 1
                                                for c in members)
     panels = [m for m in METRICS if all(m in summary[c] for c in members)] + ["curve"] + (["updates"] * by_updates)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
@@ -326,15 +326,16 @@ def plot_group(summary: dict, members: list[str], points: list[int], path: Path,
                 ax.errorbar(points, [row[n]["mean"] for n in points], yerr=[row[n]["std"] for n in points],
                             label=condition, **_style(condition))
             elif panel == "curve":
+                # one line per seed: a seed that learns late would pull a mean curve up for everyone
                 steps = list(entry["curve"])
-                means = [entry["curve"][s]["mean"] for s in steps]
-                stds = [entry["curve"][s]["std"] for s in steps]
-                line, = ax.plot(steps, means, label=condition, linestyle=_style(condition)["linestyle"],
-                                marker="o" if len(steps) < 4 else None)
-                ax.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
-                                color=line.get_color(), alpha=0.15)
+                color = None
+                for k in range(len(entry["seeds"])):
+                    line, = ax.plot(steps, [entry["curve"][s]["per_seed"][k] for s in steps], color=color,
+                                    label=condition if k == 0 else None, linewidth=1, alpha=0.8,
+                                    linestyle=_style(condition)["linestyle"], marker="o" if len(steps) < 4 else None)
+                    color = line.get_color()
             else:
-                row = entry["by_updates"][train_top]
+                row = entry["by_updates"][breakdown]
                 times = list(row)
                 ax.errorbar(times, [row[u]["exact_match"]["mean"] for u in times],
                             yerr=[row[u]["exact_match"]["std"] for u in times], label=condition, **_style(condition))
@@ -349,14 +350,17 @@ def plot_group(summary: dict, members: list[str], points: list[int], path: Path,
         elif panel == "curve":
             ax.set_xlabel("training step")
             ax.set_ylabel("validation answer loss (nats)")
+            losses = [v for c in members for s in summary[c]["curve"].values() for v in s["per_seed"]]
+            if losses and min(losses) > 0:
+                ax.set_yscale("log")  # a learned task goes from nats to 1e-5: only a log scale shows both
         else:
-            ax.set_xlabel(f"times the queried key was assigned ({train_top} pairs)")
-            ax.set_xticks(list(summary[members[0]]["by_updates"][train_top]))
+            ax.set_xlabel(f"times the queried key was assigned ({breakdown} pairs)")
+            ax.set_xticks(list(summary[members[0]]["by_updates"][breakdown]))
             ax.set_ylabel("exact match")
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{title} (mean ± std over seeds)")
+    fig.suptitle(f"{title} (mean ± std over seeds; learning curves: one line per seed)")
     fig.tight_layout()
     atomic.write_figure(path, fig, dpi=110)
     plt.close(fig)
@@ -434,10 +438,12 @@ def _report_task(exp: Experiment, task: Task, cfg, per_run: dict, out: Path, see
          "summary": _jsonable(summary), "per_seed": _jsonable(per_run)}, indent=1))
     table = markdown_table(summary, points, train_range, axis)
     atomic.write_text(task_out / "table.md", table)
-    top = train_range[1] if task.eval_kind == "mqar" and train_range[1] in points else None
+    # the breakdown is drawn at the first point beyond training (inside it every learned model is near 100%)
+    breakdown = next((n for n in points if n > train_range[1]), points[-1]) if task.eval_kind == "mqar" else None
     for name, members in exp.plots.items():
         drawn = [m for m in members if m in summary]
         if drawn:
-            plot_group(summary, drawn, points, task_out / f"{name}.png", f"{task.title}: {name}", axis_label, top)
+            plot_group(summary, drawn, points, task_out / f"{name}.png", f"{task.title}: {name}", axis_label,
+                       breakdown)
     print(f"{task.title}\n\n{table}", flush=True)
     return summary

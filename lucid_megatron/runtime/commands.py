@@ -93,12 +93,19 @@ class NiahOptions:
                    num_samples=num_samples, seed=seed, batch_size=batch_size)
 
     def arguments(self) -> list[str]:
-        arguments = ["--lengths", *map(str, self.lengths)]
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name != "lengths" and value is not None:
-                arguments += [f"--{field.name.replace('_', '-')}", str(value)]
-        return arguments
+        return _option_arguments(self)
+
+
+def _option_arguments(options) -> list[str]:
+    """The options' command-line words: the first field's list (lengths, pairs), then ``--name value`` for
+    every other field that is set."""
+    first, *rest = dataclasses.fields(options)
+    arguments = [f"--{first.name}", *map(str, getattr(options, first.name))]
+    for field in rest:
+        value = getattr(options, field.name)
+        if value is not None:
+            arguments += [f"--{field.name.replace('_', '-')}", str(value)]
+    return arguments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +126,7 @@ class MqarOptions:
             raise ValueError(f"pairs={self.pairs!r} must be a non-empty list of positive integers")
 
     def arguments(self) -> list[str]:
-        arguments = ["--pairs", *map(str, self.pairs)]
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name != "pairs" and value is not None:
-                arguments += [f"--{field.name.replace('_', '-')}", str(value)]
-        return arguments
+        return _option_arguments(self)
 
 
 def niah_command(options: NiahOptions | MqarOptions, *, checkpoints: Sequence[PathLike] = (), hf: Sequence[PathLike] = (),

@@ -18,34 +18,8 @@ from lucid_megatron.model.gpt import build_gpt_model
 from lucid_megatron.model.specs import transformer_engine_import_error
 from lucid_megatron.parallel.cpu_shim import apply_cpu_shim
 
+from .device import PRECISIONS, SPECS, check_spec, params_dtype  # noqa: F401  (re-exported: callers import them here)
 from .placement import Runtime
-
-PRECISIONS = ("auto", "bf16", "fp32")
-SPECS = ("local", "te")
-
-
-def params_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU, fp32 elsewhere; ``bf16`` and ``fp32`` as named."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def check_spec(spec: str) -> None:
-    """Refuse ``te`` where Transformer Engine cannot be imported, saying how to get it (no process group needed)."""
-    if spec not in SPECS:
-        raise ValueError(f"model.spec={spec!r} is not allowed; allowed: {', '.join(SPECS)}")
-    problem = transformer_engine_import_error() if spec == "te" else None
-    if problem is not None:
-        raise ValueError(
-            "model.spec=te needs Transformer Engine, which cannot be imported here "
-            f"({problem}). On a GPU machine with a CUDA build of PyTorch: "
-            "pip install --no-build-isolation 'transformer-engine[pytorch]' (or pip install '.[gpu]'); "
-            "otherwise use model.spec=local"
-        )
-
 
 def portable_model_config(model: ModelConfig) -> ModelConfig:
     """``model`` with the local spec where Transformer Engine is missing (for evaluation and conversion).

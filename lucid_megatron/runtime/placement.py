@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Callable, Iterable
 
 import torch
@@ -23,12 +22,7 @@ from lucid_megatron.parallel.context import split_micro_batch
 from lucid_megatron.parallel.plan import AttentionPlan, CpCommType, build_plan
 from lucid_megatron.parallel.state import destroy_parallel, initialize_parallel
 
-
-def default_device() -> torch.device:
-    """This process's accelerator (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+from .device import default_device
 
 
 @dataclasses.dataclass(frozen=True)

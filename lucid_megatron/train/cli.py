@@ -62,8 +62,7 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int,
     import torch
 
     from lucid_megatron.config.train import BF16_NEEDS_ZERO
-    from lucid_megatron.runtime import default_device
-    from lucid_megatron.runtime.parallelize import check_spec, params_dtype
+    from lucid_megatron.runtime.device import check_spec, default_device, params_dtype
     from lucid_megatron.train.wandb_logger import check_wandb_available
 
     check_wandb_available(cfg)

@@ -124,6 +124,31 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
     assert "| 8* |" in table.replace(" | valid loss", "")
 
 
+def test_curves_and_key_update_breakdown_aggregate_over_seeds(tmp_path):
+    from lucid_megatron.experiment.repro import learning_curve
+
+    metrics = tmp_path / "metrics.jsonl"
+    # a resumed run logs step 100 twice: the curve keeps the later value; training-loss records are skipped
+    metrics.write_text('{"step": 50, "loss": 9.0}\n{"step": 50, "valid_loss": 3.0}\n{"step": 100, "valid_loss": 2.0}\n'
+                       '{"step": 100, "valid_loss": 1.5}\n\n')
+    assert learning_curve(metrics) == {50: 3.0, 100: 1.5}
+
+    def run(curve, first, latest):
+        cell = {"exact_match": first, "answer_loss": 1 - first}
+        return {"exact_match": {8: first}, "answer_loss": {8: 1 - first}, "final_valid_loss": 0.5, "curve": curve,
+                "by_updates": {8: {1: cell, 2: {"exact_match": latest, "answer_loss": 1 - latest}}}}
+
+    runs = {"a": {0: run({50: 3.0, 100: 1.0}, 1.0, 0.5), 1: run({50: 2.0, 100: 0.5, 150: 0.1}, 0.5, 0.25)}}
+    summary = aggregate(runs, [8])["a"]
+    assert list(summary["curve"]) == [50, 100]  # the steps every seed logged
+    assert summary["curve"][50]["mean"] == 2.5 and summary["curve"][100]["per_seed"] == [1.0, 0.5]
+    assert summary["curve"][50]["std"] == pytest.approx(np.std([3.0, 2.0], ddof=1), abs=1e-15)
+    two = summary["by_updates"][8][2]
+    assert two["exact_match"]["mean"] == 0.375 and two["answer_loss"]["per_seed"] == [0.5, 0.75]
+    table = markdown_table({"a": summary}, [8], (4, 8), "pairs")
+    assert "by pairs / times the queried key was assigned" in table and "| a | 75.0 ± 35.4 | 37.5 ± 17.7 |" in table
+
+
 @pytest.mark.parametrize("text, message", [
     ("base: base.yaml\nseeds: []\nconditions: {a: {}}\neval: {lengths: [8]}\n", "seeds=[]"),
     ("base: base.yaml\nseeds: [0]\nconditions: {a: {}}\neval: {lengths: [8]}\nplots: {p: [b]}\n", "unknown conditions ['b']"),
