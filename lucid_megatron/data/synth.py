@@ -261,10 +261,11 @@ def synth_mismatch(data) -> str | None:
     return None
 
 
-def ensure_synth_dataset(data, say=print) -> bool:
+def ensure_synth_dataset(data, say=print, *, strict: bool = False) -> bool:
     """Write the synthetic dataset a run's ``data`` section configures (``data.synth``) at ``data.path``, if
-    configured and not there yet; True if it wrote it.  A dataset already there that ``lucid data synth`` wrote
-    for another task is refused (ValueError naming both), not trained on.  Call it from one process only."""
+    configured and not there yet; True if it wrote it.  ``strict``: a dataset already there that ``lucid data
+    synth`` wrote for another task is refused (ValueError naming both) instead of used as it is (the
+    experiments, whose tasks must not share a dataset).  Call it from one process only."""
     from .tokenizer import ByteTokenizer
 
     if data.synth is None:  # nothing to write (a mixture, data.sources, has no data.path)
@@ -273,7 +274,7 @@ def ensure_synth_dataset(data, say=print) -> bool:
     s = data.synth
     task = s.mqar or s.task
     if (path / "manifest.json").exists():
-        mismatch = synth_mismatch(data)
+        mismatch = synth_mismatch(data) if strict else None
         if mismatch:
             raise ValueError(mismatch)
         return False

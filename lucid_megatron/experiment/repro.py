@@ -397,7 +397,7 @@ def run_experiment(exp: Experiment, out: Path, *, jobs: int = 2, only: list[str]
     # Runs of a task read the same dataset: write each task's once here, before runs start in parallel.
     configs = {t.name: load_train_config(exp.base, exp.overrides(t, conditions[0], seeds[0], extra)) for t in tasks}
     for cfg in configs.values():
-        ensure_synth_dataset(cfg.data, say=lambda text: print(f"experiment: {text}", flush=True))
+        ensure_synth_dataset(cfg.data, say=lambda text: print(f"experiment: {text}", flush=True), strict=True)
     threads = max(1, (os.cpu_count() or 1) // (jobs * exp.nproc_per_node))
     # Tasks in file order, so a run's init_from_task run was submitted (and, the pool being first in first out,
     # started) before it: waiting for it cannot take a worker that run needs.

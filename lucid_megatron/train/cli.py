@@ -56,7 +56,6 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int,
     resume changes (the trainer says it, once, on the checkpoint it actually resumes)."""
     from lucid_megatron.train.validate import check_dataset, check_resume, check_same_model, open_dataset, split_world
     from lucid_megatron.checkpoint import Checkpointer, resolve_checkpoint
-    from lucid_megatron.data.synth import synth_mismatch
     from lucid_megatron.train.run_lock import RunDirBusy, check_free
 
     import torch
@@ -72,9 +71,6 @@ def preflight(cfg, run_dir: Path, resume: str | None, world_size: int,
         raise ConfigError(f"train.{BF16_NEEDS_ZERO} (train.precision={cfg.train.precision} means bf16 here)")
     dataset = None  # a synthetic dataset not written yet: the trainer writes it, then checks it
     if cfg.data.sources or (Path(cfg.data.path) / "manifest.json").exists():
-        mismatch = synth_mismatch(cfg.data)
-        if mismatch:
-            raise ConfigError(mismatch)
         dataset = open_dataset(cfg)  # a mixture: every source present, one tokenizer
         check_dataset(cfg, dataset, layout)
     elif cfg.data.synth is None:

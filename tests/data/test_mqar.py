@@ -86,13 +86,29 @@ def test_mqar_dataset_round_trips_through_the_shards_and_refuses_special_ids(tmp
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_dataset_of_another_task_at_data_path_is_refused(tmp_path):
+def test_an_experiment_refuses_a_dataset_of_another_task_at_data_path(tmp_path):
     from lucid_megatron.config.train import DataConfig, SynthConfig
     from lucid_megatron.data.synth import ensure_synth_dataset, synth_mismatch
 
     data = DataConfig(path=str(tmp_path / "d"), synth=SynthConfig(mqar=MqarTask(updates=1), train_docs=4, valid_docs=1))
-    assert ensure_synth_dataset(data, say=lambda _: None) and synth_mismatch(data) is None
-    assert not ensure_synth_dataset(data, say=lambda _: None)  # there already: kept
+    assert ensure_synth_dataset(data, say=lambda _: None, strict=True) and synth_mismatch(data) is None
+    assert not ensure_synth_dataset(data, say=lambda _: None, strict=True)  # there already: kept
     key_update = DataConfig(path=data.path, synth=SynthConfig(mqar=MqarTask(updates=3), train_docs=4, valid_docs=1))
     with pytest.raises(ValueError, match=r"holds a synthetic dataset of task .*'updates': 1.*'updates': 3"):
-        ensure_synth_dataset(key_update, say=lambda _: None)
+        ensure_synth_dataset(key_update, say=lambda _: None, strict=True)
+    assert not ensure_synth_dataset(key_update, say=lambda _: None)  # lucid train: a dataset there is used as is
+
+
+def test_mqar_config_section_and_its_refusals():
+    from pathlib import Path
+
+    from lucid_megatron.config.schema import ConfigError
+    from lucid_megatron.config.train import load_train_config
+
+    base = Path(__file__).resolve().parents[2] / "configs" / "repro" / "mqar" / "base.yaml"
+    cfg = load_train_config(base, ["data.synth.mqar.updates=3"])
+    assert cfg.data.synth.mqar == MqarTask(min_pairs=4, max_pairs=8, key_vocab=64, value_vocab=64, updates=3)
+    with pytest.raises(ConfigError, match="task and mqar are both set"):
+        load_train_config(base, ["data.synth.task.num_needles=2"])
+    with pytest.raises(ConfigError, match="final_eval.task: required when data.synth is not set or writes MQAR"):
+        load_train_config(base, ["final_eval.lengths=[64]"])

@@ -260,7 +260,10 @@ def test_resharded_resume_continues_with_the_adam_state(config, layout_run, torc
     assert foreign_console_lines(first) == [] and foreign_console_lines(result) == []
     assert len(re.findall(r"^step \d/6 \[", first.stdout, re.M)) == 6  # progress is ours: still shown
     saved_logs = {p.name: p.read_text() for p in (continued / "logs").iterdir()}
-    assert sorted(saved_logs) == ["launcher.log"] * (save_nproc > 1) + [f"rank_{r}.log" for r in range(save_nproc)]
+    # launcher.log appears only if the launcher had a library record to log (it imports neither Megatron nor
+    # DeepSpeed), and never for a run trained in-process
+    assert sorted(set(saved_logs) - {"launcher.log"}) == [f"rank_{r}.log" for r in range(save_nproc)]
+    assert "launcher.log" not in saved_logs or save_nproc > 1
     assert "Transformer Engine and Apex are not installed" in saved_logs["rank_0.log"]
     if stage == 3 and saved == "dp2":
         for rank in ("rank_0.log", "rank_1.log"):
