@@ -119,9 +119,12 @@ def _check_synth_memory(args, task) -> None:
 
     if args.ignore_memory_check:
         return
-    longest = task.max_length() if args.task == "mqar" else task.max_len
+    if args.task == "mqar":
+        longest, what = task.max_length(), f"documents of up to {task.max_length()} tokens (--task mqar)"
+    else:
+        longest, what = task.max_len, f"--max-len {task.max_len}"
     estimate = mem.MemoryEstimate({"document": mem.documents_bytes(documents=1, length=longest)})
-    mem.check_fits(estimate, what=f"lucid data synth with documents of up to {longest} tokens")
+    mem.check_fits(estimate, what=f"lucid data synth with {what}")
 
 
 def _synth(args):
