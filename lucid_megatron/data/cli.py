@@ -20,9 +20,8 @@ TASK_HELP = {
 }
 MAX_TASK_SIZE = 1 << 20  # keys, queries, assignments, characters: RetrievalTask's length check refuses far sooner
 MAX_DOCS_PER_SHARD = 10**7
-
-
 MQAR_HELP = {"min_pairs": "fewest key-value pairs (distinct keys) in a document", "max_pairs": "most of them"}
+MQAR_FIELDS = ["min_pairs", "max_pairs", "key_vocab", "value_vocab", "updates"]  # MqarTask's, in its order
 
 
 def _task_options(parser) -> None:
@@ -60,13 +59,10 @@ def task_from_args(args):
     return RetrievalTask(**{**DEFAULT_TASK, **given})
 
 
-MQAR_FIELDS = ["min_pairs", "max_pairs", "key_vocab", "value_vocab", "updates"]
-
-
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    synth = sub.add_parser("synth", help="write the synthetic long-context retrieval dataset",
+    synth = sub.add_parser("synth", help="write a synthetic recall dataset (retrieval or MQAR, optionally key update)",
                            description="Write a synthetic key->value recall dataset (with answer masks): needle "
                                        "retrieval (--task retrieval), or multi-query associative recall (--task "
                                        "mqar); either becomes key update with --updates > 1.")

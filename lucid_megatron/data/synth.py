@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+# numpy loads its random module on first use; that first use must not fall inside the staged write below,
+# where a SIGTERM raising SystemExit in the middle of an extension module's import is lost (the write went on)
+import numpy.random  # noqa: F401
 
 from lucid_megatron.atomic import staged_directory
 from .mqar import MqarTask, generate_mqar_document
